@@ -1,0 +1,72 @@
+"""The exceptions sbs raises.
+
+One root, :class:`SbsError`. Leaf errors also inherit the built-in that fits, so a
+caller can catch what it already knows (``ValueError``, ``ConnectionError``...).
+As in h11, protocol errors say whose fault they are: :class:`LocalProtocolError`
+means this program misused the API, :class:`RemoteProtocolError` means the peer
+broke the protocol.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "AuthenticationError",
+    "ConfigError",
+    "ControlError",
+    "LocalProtocolError",
+    "NotPrimaryError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SbsError",
+    "UnknownSentinelError",
+)
+
+
+class SbsError(Exception):
+    """Root of every error sbs raises on purpose."""
+
+
+class ConfigError(SbsError, ValueError):
+    """A configuration file is missing, unreadable or invalid.
+
+    ``str()`` names the file, the key and the reason; the parts are kept as
+    attributes for tools that want them.
+    """
+
+    def __init__(self, file: str, key: str | None, reason: str) -> None:
+        self.file = file
+        self.key = key
+        self.reason = reason
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {reason}")
+
+
+class ProtocolError(SbsError):
+    """Something went wrong in the peer protocol."""
+
+
+class LocalProtocolError(ProtocolError, RuntimeError):
+    """This program used the protocol API in a way it does not allow."""
+
+
+class RemoteProtocolError(ProtocolError, ConnectionError):
+    """The peer sent something the protocol does not allow; drop the connection."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The peer could not prove that it knows the shared secret."""
+
+
+class ControlError(SbsError, ConnectionError):
+    """The local control channel of a node could not be reached or answered badly."""
+
+
+class NotPrimaryError(SbsError, RuntimeError):
+    """An operation that only a primary can do was asked of a node that is not primary."""
+
+
+class UnknownSentinelError(SbsError, KeyError):
+    """A sentinel name that the configuration does not define."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown sentinel"
