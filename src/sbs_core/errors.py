@@ -9,6 +9,8 @@ broke the protocol.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = (
     "AuthenticationError",
     "ConfigError",
@@ -29,16 +31,38 @@ class SbsError(Exception):
 class ConfigError(SbsError, ValueError):
     """A configuration file is missing, unreadable or invalid.
 
-    ``str()`` names the file, the key and the reason; the parts are kept as
-    attributes for tools that want them.
+    ``str()`` names the file, the key and the reason, one line per problem; the
+    parts are kept as attributes for tools that want them. ``key`` and ``reason``
+    are those of the first problem, ``problems`` holds every ``(key, reason)``.
     """
 
-    def __init__(self, file: str, key: str | None, reason: str) -> None:
+    def __init__(
+        self,
+        file: str,
+        key: str | None,
+        reason: str,
+        *,
+        more: Iterable[tuple[str | None, str]] = (),
+    ) -> None:
         self.file = file
         self.key = key
         self.reason = reason
-        where = f"{file}: {key}" if key else file
-        super().__init__(f"{where}: {reason}")
+        self.problems: tuple[tuple[str | None, str], ...] = ((key, reason), *more)
+        super().__init__("\n".join(_config_line(file, k, r) for k, r in self.problems))
+
+    @classmethod
+    def from_problems(cls, file: str, problems: Iterable[tuple[str | None, str]]) -> ConfigError:
+        """One error for every problem found in ``file`` (at least one)."""
+        found = tuple(problems)
+        if not found:
+            raise ValueError("a ConfigError needs at least one problem")
+        (key, reason), *more = found
+        return cls(file, key, reason, more=more)
+
+
+def _config_line(file: str, key: str | None, reason: str) -> str:
+    where = f"{file}: {key}" if key else file
+    return f"{where}: {reason}"
 
 
 class ProtocolError(SbsError):
