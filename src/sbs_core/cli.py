@@ -1,0 +1,276 @@
+"""The ``sbs`` command line.
+
+This is a contract other tools drive: commands, options and the keys of
+``sbs status --json`` are only ever added to, never renamed or removed.
+
+Exit codes: 0 success; 1 the operation failed (node not running, refused,
+runtime error); 2 bad usage or an invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from sbs_core import __version__
+from sbs_core.config import Config, load_config
+from sbs_core.control import NodeNotRunning, control_request
+from sbs_core.demo import run_demo
+from sbs_core.driver import Node, install_signal_handlers
+from sbs_core.errors import ConfigError, ControlError, SbsError
+from sbs_core.state import StateStore, write_atomically
+
+__all__ = ("main",)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"sbs: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SbsError as exc:
+        print(f"sbs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sbs", description="Warm-standby failover for a pair of nodes."
+    )
+    parser.add_argument("--version", action="version", version=f"sbs {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", required=True, type=Path, help="the node's TOML file")
+
+    p = sub.add_parser("run", help="run a node in the foreground (SIGTERM/Ctrl+C: planned stop)")
+    config_arg(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", type=Path, help="also log to this file (rotated at 10 MB)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="show the node's role, peer, epoch and sentinels")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="one JSON object, for tools")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("sentinels", help="list, activate or deactivate sentinels on the primary")
+    config_arg(p)
+    p.add_argument("action", choices=["start", "stop", "list"])
+    p.add_argument("name", nargs="?", help="the sentinel's name (for start and stop)")
+    p.set_defaults(func=_cmd_sentinels)
+
+    p = sub.add_parser("check", help="validate a configuration file")
+    config_arg(p)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("secret", help="write a new random shared secret file (mode 0600)")
+    p.add_argument("path", type=Path)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_secret)
+
+    p = sub.add_parser("demo", help="start a pair on 127.0.0.1/127.0.0.2 and show a failover")
+    p.add_argument("--port", type=int, default=0, help="peer port (default: a free one)")
+    p.add_argument("--keep", action="store_true", help="keep the demo's temporary folder")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------- run
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_logging(args.log_level, args.log_file)
+    log = logging.getLogger("sbs")
+    for warning in config.warnings():
+        log.warning("%s: %s", config.config_file, warning)
+    log.info(
+        "sbs %s starting: node %s on %s:%d, peer %s, mode %s, state in %s",
+        __version__,
+        config.node.name,
+        config.node.local_address,
+        config.node.port,
+        config.node.remote_address,
+        config.node.mode,
+        config.node.state_dir,
+    )
+    anyio.run(_run_node, config)
+    return EXIT_OK
+
+
+async def _run_node(config: Config) -> None:
+    node = Node(config)
+    async with anyio.create_task_group() as tg:
+        install_signal_handlers(node, tg)
+        await node.run()
+        tg.cancel_scope.cancel()
+
+
+def _setup_logging(level: str, log_file: Path | None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if log_file is not None:
+        rotating = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
+        )
+        rotating.setFormatter(fmt)
+        root.addHandler(rotating)
+
+
+# ---------------------------------------------------------------------- status
+
+
+def node_status(config: Config) -> dict[str, Any]:
+    """The running node's status, or a ``stopped`` status built from its saved state."""
+    try:
+        answer = control_request(config.node.state_dir, {"cmd": "status"})
+    except NodeNotRunning:
+        saved = StateStore(config.node.state_dir).load()
+        return {
+            "role": "stopped",
+            "mode": config.node.mode,
+            "epoch": saved.epoch if saved else 0,
+            "peer_connected": False,
+            "active_sentinels": [],
+            "sentinels": list(saved.sentinels) if saved else [],
+            "handing_over": False,
+            "name": config.node.name,
+            "local_address": config.node.local_address,
+            "remote_address": config.node.remote_address,
+            "port": config.node.port,
+            "peer": None,
+            "last_error": None,
+        }
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        raise ControlError(f"the node answered: {answer}")
+    status: dict[str, Any] = answer["status"]
+    return status
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    status = node_status(config)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """One readable screen about a node."""
+    role = str(st["role"]).upper()
+    if st.get("handing_over"):
+        role += " (handing over)"
+    lines = [
+        f"node       {st.get('name')} ({st.get('local_address')}:{st.get('port')}), "
+        f"mode {st['mode']}",
+        f"role       {role}, epoch {st['epoch']}",
+    ]
+    peer = st.get("peer")
+    if peer:
+        heard = peer.get("last_heard_ago")
+        heard_text = f", heard {heard:.1f} s ago" if isinstance(heard, int | float) else ""
+        lines.append(
+            f"peer       {peer['name']} at {peer.get('address')}: connected, {peer['role']}, "
+            f"epoch {peer['epoch']}{heard_text}"
+        )
+    else:
+        lines.append(f"peer       {st.get('remote_address')}: not connected")
+    running = st.get("active_sentinels") or []
+    lines.append(f"running    {', '.join(running) if running else '-'}")
+    pair = st.get("sentinels") or []
+    lines.append(f"sentinels  {', '.join(pair) if pair else '-'} (active on the pair)")
+    if st.get("last_error"):
+        lines.append(f"last error {st['last_error']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- sentinels
+
+
+def _cmd_sentinels(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.action == "list":
+        status = node_status(config)
+        active = set(status.get("sentinels") or [])
+        running = set(status.get("active_sentinels") or [])
+        for s in config.controller.sentinels:
+            state = "running" if s.name in running else "active" if s.name in active else "off"
+            print(f"{s.name:24} {state}")
+        return EXIT_OK
+    if not args.name:
+        print(f"sbs: sentinels {args.action} needs a NAME", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        answer = control_request(
+            config.node.state_dir,
+            {"cmd": "sentinel", "name": args.name, "active": args.action == "start"},
+        )
+    except NodeNotRunning as exc:
+        print(f"sbs: {exc}: start it with 'sbs run --config {args.config}'", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer.get("ok"):
+        print(f"sbs: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    verb = "activated" if args.action == "start" else "deactivated"
+    print(f"sentinel {args.name} {verb} on {answer['status'].get('name')}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- check, secret
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for warning in config.warnings():
+        print(f"{config.config_file}: warning: {warning}")
+    print(f"{config.config_file}: OK")
+    return EXIT_OK
+
+
+def _cmd_secret(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.exists() and not args.force:
+        print(f"sbs: {path} exists; use --force to replace it", file=sys.stderr)
+        return EXIT_FAILED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, (secrets.token_urlsafe(32) + "\n").encode())
+    path.chmod(0o600)
+    print(f"wrote a new shared secret to {path}: copy it to the other node, keep it private")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(port=args.port, keep=args.keep, out=sys.stdout, clock=time.monotonic)

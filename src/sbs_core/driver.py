@@ -1,0 +1,672 @@
+"""The one async layer: wires the pure role machine to sockets, processes and files.
+
+:class:`Node` runs, in one anyio task group, a listener on the peer port, the
+connections (each a :class:`~sbs_core.wire.SecureChannel` over a transport
+stream), a controller worker that carries out sentinel starts and stops in
+order, the local control channel, and the main loop that feeds every event to
+the :class:`~sbs_core.machine.RoleMachine` and carries out what it returns.
+
+Only the main loop touches the machine. Events are stamped with the time they
+are *handled*, so the machine's clock never goes backwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from sbs_core import __version__
+from sbs_core.config import Config
+from sbs_core.control import ControlServer
+from sbs_core.controller import ProcessController, ServiceController
+from sbs_core.errors import NotPrimaryError, ProtocolError, SbsError, UnknownSentinelError
+from sbs_core.machine import (
+    Action,
+    Alert,
+    AllStopped,
+    Close,
+    Connect,
+    ConnectFailed,
+    ConnectionClosed,
+    ConnId,
+    Event,
+    Exit,
+    FinalCycleDone,
+    MachineSettings,
+    MessageReceived,
+    PeerConnected,
+    PersistedState,
+    PersistState,
+    RoleMachine,
+    RunFinalCycle,
+    Send,
+    SentinelChangeRequested,
+    Started,
+    StartSentinels,
+    StopAll,
+    StopRequested,
+    StopSentinels,
+    TimerFired,
+)
+from sbs_core.messages import Goodbye, Hello, Message, decode_message, encode_message
+from sbs_core.state import StateStore
+from sbs_core.transport import TcpTransport, Transport
+from sbs_core.wire import NONCE_SIZE, Authenticated, Closed, ControlReceived, SecureChannel
+
+__all__ = ("FileSync", "Node", "NullSync")
+
+logger = logging.getLogger("sbs")
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# Unauthenticated connections that may be in their handshake at once; more are
+# closed at once, so a flood on the peer port cannot starve the real peer.
+_MAX_HANDSHAKES = 8
+_OUTBOX_FRAMES = 512
+_REFUSAL_LOG_INTERVAL = 60.0
+
+
+class FileSync(Protocol):
+    """Replication, as the driver sees it (the real one plugs in here)."""
+
+    async def final_cycle(self, conn: ConnId) -> None:
+        """Push every local change to the peer on ``conn`` before a handover."""
+        ...
+
+
+class NullSync:
+    """No replication: the final cycle has nothing to push."""
+
+    async def final_cycle(self, conn: ConnId) -> None:
+        return None
+
+
+EventFactory = Callable[[float], Event]
+
+
+@dataclass(kw_only=True, slots=True)
+class _Request:
+    """An event from the control channel whose outcome its caller waits for."""
+
+    factory: EventFactory
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class _Conn:
+    id: ConnId
+    stream: ByteStream
+    channel: SecureChannel
+    outbox: MemoryObjectSendStream[bytes | None]
+    peer_host: str
+    last_heard_wall: float = 0.0
+    flushed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Node:
+    """One sbs node: ``await Node(config).run()`` until a planned stop completes."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Transport | None = None,
+        controller: ServiceController | None = None,
+        sync: FileSync | None = None,
+    ) -> None:
+        self.config = config
+        node = config.node
+        self._transport: Transport = transport or TcpTransport()
+        self._controller_override = controller
+        self._sync: FileSync = sync or NullSync()
+        self._store = StateStore(node.state_dir)
+        self._secret = node.read_secret()
+        self._known_sentinels = {s.name for s in config.controller.sentinels}
+        self._conns: dict[ConnId, _Conn] = {}
+        self._closing: list[_Conn] = []
+        self._next_conn = 1
+        self._handshakes = anyio.Semaphore(_MAX_HANDSHAKES)
+        self._refusals_logged: dict[tuple[str, str], float] = {}
+        self._events_tx, self._events_rx = anyio.create_memory_object_stream[
+            EventFactory | _Request
+        ](max_buffer_size=4096)
+        self._ctl_tx, self._ctl_rx = anyio.create_memory_object_stream[Action](max_buffer_size=1024)
+        self._machine: RoleMachine | None = None
+        self._controller: ServiceController | None = None
+        self._exited = False
+        self._stop_requested_at: float | None = None
+        self._started_wall = time.time()
+        self._tg: TaskGroup | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def machine(self) -> RoleMachine:
+        assert self._machine is not None, "the node is not running"
+        return self._machine
+
+    def request_stop(self) -> None:
+        """Ask for a planned stop (final cycle, handover); a second call stops at once."""
+        if self._stop_requested_at is not None:
+            logger.warning("second stop request: stopping now, without handover")
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            return
+        self._stop_requested_at = anyio.current_time()
+        self._post(lambda now: StopRequested(now=now))
+
+    def status(self) -> dict[str, Any]:
+        """The node's state as ``sbs status --json`` shows it."""
+        node = self.config.node
+        if self._machine is None:
+            return {"role": "starting", "mode": node.mode, "name": node.name}
+        st = self._machine.status()
+        running = sorted(self._controller.running_sentinels()) if self._controller else []
+        peer: dict[str, Any] | None = None
+        if st.peer is not None:
+            conn = next(iter(self._conns.values()), None)
+            peer = {
+                "name": st.peer.name,
+                "node_id": st.peer.node_id,
+                "role": st.peer.role,
+                "mode": st.peer.mode,
+                "epoch": st.peer.epoch,
+                "address": conn.peer_host if conn else node.remote_address,
+                "last_heard_ago": round(time.time() - conn.last_heard_wall, 3) if conn else None,
+            }
+        return {
+            "role": st.role,
+            "mode": st.mode,
+            "epoch": st.epoch,
+            "peer_connected": st.peer_connected,
+            "active_sentinels": running,
+            "sentinels": list(st.sentinels),
+            "handing_over": st.handing_over,
+            "name": st.name,
+            "node_id": st.node_id,
+            "local_address": node.local_address,
+            "remote_address": node.remote_address,
+            "port": node.port,
+            "peer": peer,
+            "last_error": st.last_error,
+            "pid": os.getpid(),
+            "started_at": self._started_wall,
+            "version": __version__,
+        }
+
+    async def run(self) -> None:
+        """Run until a planned stop completes (or the caller cancels)."""
+        node = self.config.node
+        self._store.lock()
+        try:
+            persisted = self._store.load() or PersistedState(
+                sentinels=tuple(s.name for s in self.config.controller.sentinels if s.autostart)
+            )
+            self._machine = RoleMachine(
+                MachineSettings(
+                    node_id=self._store.node_id(),
+                    name=node.name,
+                    mode=node.mode,
+                    port=node.port,
+                    heartbeat_interval=node.heartbeat_interval,
+                    dead_time=node.dead_time,
+                    probe_interval=node.probe_interval,
+                    final_cycle_timeout=node.final_cycle_timeout,
+                    software=f"sbs {__version__}",
+                ),
+                persisted,
+            )
+            listener = await self._listen()
+            async with self._make_controller() as controller, listener:
+                self._controller = controller
+                control = ControlServer(node.state_dir, self._on_control)
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    await tg.start(control.serve)
+                    tg.start_soon(listener.serve, self._accepted)
+                    tg.start_soon(self._controller_worker)
+                    tg.start_soon(self._stop_watchdog)
+                    self._post(lambda now: Started(now=now))
+                    await self._main_loop()
+                    await self._flush_closing()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            self._store.unlock()
+
+    # ------------------------------------------------------------------ setup
+
+    async def _listen(self) -> Any:
+        node = self.config.node
+        try:
+            return await self._transport.listen(node.local_address, node.port)
+        except OSError as exc:
+            raise SbsError(
+                f"cannot listen on {node.local_address}:{node.port} (node.local_address, "
+                f"node.port): {exc.strerror or exc}"
+            ) from exc
+
+    def _make_controller(self) -> Any:
+        if self._controller_override is not None:
+            return _NoopContext(self._controller_override)
+        ctl = self.config.controller
+        return ProcessController(
+            {s.name: s.command for s in ctl.sentinels if s.command},
+            application=ctl.application,
+            log_dir=self.config.node.state_dir / "logs",
+            stop_timeout=ctl.stop_timeout,
+        )
+
+    # ------------------------------------------------------------------ main loop
+
+    def _post(self, item: EventFactory | _Request) -> None:
+        try:
+            self._events_tx.send_nowait(item)
+        except anyio.WouldBlock:
+            logger.error("event queue full: dropping an event")
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def _main_loop(self) -> None:
+        machine = self.machine
+        while not self._exited:
+            deadline = machine.next_deadline()
+            item: EventFactory | _Request | None = None
+            if deadline is None:
+                item = await self._events_rx.receive()
+            else:
+                delay = deadline - anyio.current_time()
+                if delay > 0:
+                    with anyio.move_on_after(delay):
+                        item = await self._events_rx.receive()
+            now = anyio.current_time()
+            if item is None:
+                self._execute(machine.handle(TimerFired(now=now)))
+            elif isinstance(item, _Request):
+                try:
+                    self._execute(machine.handle(item.factory(now)))
+                except NotPrimaryError as exc:
+                    item.error = str(exc)
+                item.done.set()
+            else:
+                self._execute(machine.handle(item(now)))
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Connect():
+                    assert self._tg is not None
+                    self._tg.start_soon(self._connect)
+                case Send(conn=conn, message=message):
+                    self._send(conn, message)
+                case Close(conn=conn, goodbye=goodbye):
+                    self._close(conn, goodbye)
+                case StartSentinels() | StopSentinels() | StopAll():
+                    self._ctl_tx.send_nowait(action)
+                case RunFinalCycle(conn=conn):
+                    assert self._tg is not None
+                    self._tg.start_soon(self._final_cycle, conn)
+                case PersistState(epoch=epoch, role=role, sentinels=sentinels):
+                    self._store.save(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
+                case Alert():
+                    self._alert(action)
+                case Exit():
+                    self._exited = True
+
+    def _alert(self, alert: Alert) -> None:
+        machine = self.machine
+        logger.log(
+            _LEVELS[alert.level],
+            "[%s %s epoch=%d] %s: %s",
+            self.config.node.name,
+            machine.role,
+            machine.epoch,
+            alert.kind,
+            alert.message,
+        )
+
+    async def _stop_watchdog(self) -> None:
+        # A planned stop that hangs (a stuck final cycle, an unkillable child)
+        # must still end: bound it by the settings that shape it.
+        bound = self.config.node.final_cycle_timeout + self.config.controller.stop_timeout + 10
+        while True:
+            await anyio.sleep(0.5)
+            started = self._stop_requested_at
+            if started is not None and anyio.current_time() - started > bound:
+                logger.error("planned stop did not finish within %.0f s: stopping now", bound)
+                self._exited = True
+                if self._tg is not None:
+                    self._tg.cancel_scope.cancel()
+                return
+
+    # ------------------------------------------------------------------ controller
+
+    async def _controller_worker(self) -> None:
+        controller = self._controller
+        assert controller is not None
+        async for action in self._ctl_rx:
+            try:
+                match action:
+                    case StartSentinels(names=names, epoch=epoch):
+                        await controller.start_application(epoch=epoch)
+                        await controller.start_sentinels(self._startable(names), epoch=epoch)
+                    case StopSentinels(names=names):
+                        await controller.stop_sentinels(self._startable(names))
+                    case StopAll():
+                        await controller.stop_sentinels(None)
+                        await controller.stop_application()
+            except (SbsError, OSError) as exc:
+                logger.error("controller: %s failed: %s", type(action).__name__, exc)
+            if isinstance(action, StopAll):
+                self._post(lambda now: AllStopped(now=now))
+
+    def _startable(self, names: tuple[str, ...]) -> list[str]:
+        unknown = [n for n in names if n not in self._known_sentinels]
+        if unknown:
+            logger.warning(
+                "sentinel(s) %s are active on the pair but not configured on this node "
+                "([[controller.sentinels]]); not started here",
+                ", ".join(unknown),
+            )
+        return [n for n in names if n in self._known_sentinels]
+
+    async def _final_cycle(self, conn: ConnId) -> None:
+        try:
+            await self._sync.final_cycle(conn)
+        except Exception as exc:  # any failure is reported; the handover goes on
+            detail = f"{type(exc).__name__}: {exc}"
+            self._post(lambda now: FinalCycleDone(now=now, ok=False, detail=detail))
+        else:
+            self._post(lambda now: FinalCycleDone(now=now, ok=True))
+
+    # ------------------------------------------------------------------ control channel
+
+    async def _on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "sentinel":
+            name, active = request.get("name"), request.get("active")
+            if not isinstance(name, str) or not isinstance(active, bool):
+                return {"ok": False, "error": "a sentinel request needs a name and active"}
+            if name not in self._known_sentinels:
+                err = UnknownSentinelError(
+                    f"unknown sentinel {name!r}; configured: "
+                    + (", ".join(sorted(self._known_sentinels)) or "none")
+                )
+                return {"ok": False, "error": str(err)}
+            req = _Request(factory=functools.partial(_sentinel_change, name=name, active=active))
+            self._post(req)
+            with anyio.fail_after(5):
+                await req.done.wait()
+            if req.error is not None:
+                return {"ok": False, "error": req.error}
+            return {"ok": True, "status": self.status()}
+        return {"ok": False, "error": f"unknown request {cmd!r}"}
+
+    # ------------------------------------------------------------------ connections
+
+    async def _connect(self) -> None:
+        node = self.config.node
+        try:
+            with anyio.fail_after(node.connect_timeout):
+                stream = await self._transport.connect(
+                    node.remote_address, node.port, local_host=node.local_address
+                )
+        except (OSError, TimeoutError) as exc:
+            reason = f"{node.remote_address}:{node.port}: {_describe(exc)}"
+            self._post(lambda now: ConnectFailed(now=now, answered=False, reason=reason))
+            return
+        await self._run_stream(stream, initiated=True)
+
+    async def _accepted(self, stream: ByteStream) -> None:
+        if self._handshakes.value == 0:
+            # A flood of half-open handshakes: refuse the excess outright.
+            await anyio.aclose_forcefully(stream)
+            return
+        await self._run_stream(stream, initiated=False)
+
+    async def _run_stream(self, stream: ByteStream, *, initiated: bool) -> None:
+        peer_host = _remote_host(stream)
+        channel = SecureChannel(self._secret, initiator=initiated, nonce=os.urandom(NONCE_SIZE))
+        heard = _Heard()
+        try:
+            async with self._handshakes:
+                with anyio.fail_after(self.config.node.connect_timeout):
+                    hello = await self._handshake(stream, channel, heard)
+        except (
+            ProtocolError,
+            OSError,
+            TimeoutError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+        ) as exc:
+            await anyio.aclose_forcefully(stream)
+            reason = _describe(exc)
+            if initiated:
+                # Bytes from the peer then a failure: something answered and refused
+                # us (wrong secret, version). Silence is not an answer.
+                got = heard.anything
+                self._post(
+                    lambda now: ConnectFailed(
+                        now=now, answered=got, reason=f"{peer_host}: handshake failed: {reason}"
+                    )
+                )
+            else:
+                self._log_refusal(peer_host, reason)
+            return
+        conn_id = self._next_conn
+        self._next_conn += 1
+        outbox_tx, outbox_rx = anyio.create_memory_object_stream[bytes | None](_OUTBOX_FRAMES)
+        conn = _Conn(
+            id=conn_id,
+            stream=stream,
+            channel=channel,
+            outbox=outbox_tx,
+            peer_host=peer_host,
+            last_heard_wall=time.time(),
+        )
+        self._conns[conn_id] = conn
+        self._post(
+            lambda now: PeerConnected(now=now, conn=conn_id, hello=hello, initiated=initiated)
+        )
+        reason = "closed"
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer, conn, outbox_rx)
+                reason = await self._reader(conn)
+                tg.cancel_scope.cancel()
+        finally:
+            self._conns.pop(conn_id, None)
+            await anyio.aclose_forcefully(stream)
+            final = reason
+            self._post(lambda now: ConnectionClosed(now=now, conn=conn_id, reason=final))
+
+    async def _handshake(self, stream: ByteStream, channel: SecureChannel, heard: _Heard) -> Hello:
+        await stream.send(channel.data_to_send())
+        sent_hello = False
+        while True:
+            try:
+                data: bytes | None = await stream.receive(65536)
+                heard.anything = True
+            except anyio.EndOfStream:
+                data = None
+            channel.receive_data(data)
+            for event in channel.events():
+                match event:
+                    case Authenticated():
+                        channel.send_control(encode_message(self.machine.hello()))
+                        sent_hello = True
+                    case ControlReceived(payload=payload) if sent_hello:
+                        message = decode_message(payload)
+                        if not isinstance(message, Hello):
+                            raise ProtocolError(f"expected hello, got {message.type}")
+                        out = channel.data_to_send()
+                        if out:
+                            await stream.send(out)
+                        return message
+                    case Closed():
+                        raise anyio.EndOfStream
+                    case _:
+                        raise ProtocolError("unexpected frame during the handshake")
+            out = channel.data_to_send()
+            if out:
+                await stream.send(out)
+
+    async def _reader(self, conn: _Conn) -> str:
+        while True:
+            try:
+                data: bytes | None = await conn.stream.receive(65536)
+            except anyio.EndOfStream:
+                data = None
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                return _describe(exc)
+            try:
+                conn.channel.receive_data(data)
+            except ProtocolError as exc:
+                logger.warning("peer %s broke the protocol: %s", conn.peer_host, exc)
+                return f"protocol error: {exc}"
+            for event in conn.channel.events():
+                match event:
+                    case ControlReceived(payload=payload):
+                        try:
+                            message = decode_message(payload)
+                        except ProtocolError as exc:
+                            logger.warning("peer %s sent %s", conn.peer_host, exc)
+                            return str(exc)
+                        conn.last_heard_wall = time.time()
+                        self._post(functools.partial(_received, conn=conn.id, message=message))
+                    case Closed():
+                        return "closed by the peer"
+                    case _:
+                        pass  # data frames belong to replication, which is not wired yet
+            if data is None:
+                return "closed by the peer"
+
+    async def _writer(self, conn: _Conn, outbox: MemoryObjectReceiveStream[bytes | None]) -> None:
+        try:
+            async with outbox:
+                async for chunk in outbox:
+                    if chunk is None:
+                        break
+                    try:
+                        await conn.stream.send(chunk)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        break
+            with anyio.move_on_after(1, shield=True):
+                await conn.stream.aclose()
+        finally:
+            conn.flushed.set()
+
+    async def _flush_closing(self) -> None:
+        # The last words of a planned stop (Handover, Goodbye) must reach the
+        # peer before the task group is cancelled; bounded, the peer may be gone.
+        with anyio.move_on_after(2):
+            for conn in self._closing:
+                await conn.flushed.wait()
+
+    def _send(self, conn_id: ConnId, message: Message) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        conn.channel.send_control(encode_message(message))
+        try:
+            conn.outbox.send_nowait(conn.channel.data_to_send())
+        except anyio.WouldBlock:
+            logger.warning("peer %s is not reading: closing the connection", conn.peer_host)
+            self._close(conn_id, None)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def _close(self, conn_id: ConnId, goodbye: Goodbye | None) -> None:
+        if goodbye is not None:
+            self._send(conn_id, goodbye)
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
+            return
+        self._closing = [c for c in self._closing if not c.flushed.is_set()]
+        self._closing.append(conn)
+        try:
+            conn.outbox.send_nowait(None)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            assert self._tg is not None
+            self._tg.start_soon(anyio.aclose_forcefully, conn.stream)
+
+    def _log_refusal(self, host: str, reason: str) -> None:
+        key = (host, reason)
+        now = anyio.current_time()
+        if now - self._refusals_logged.get(key, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[key] = now
+            logger.warning("refused a connection from %s: %s", host, reason)
+
+
+def _sentinel_change(now: float, *, name: str, active: bool) -> Event:
+    return SentinelChangeRequested(now=now, name=name, active=active)
+
+
+def _received(now: float, *, conn: ConnId, message: Message) -> Event:
+    return MessageReceived(now=now, conn=conn, message=message)
+
+
+@dataclass(slots=True)
+class _Heard:
+    anything: bool = False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, anyio.EndOfStream):
+        return "closed by the peer"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _remote_host(stream: ByteStream) -> str:
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except (anyio.TypedAttributeLookupError, OSError):
+        return "?"
+    if isinstance(address, tuple):
+        return str(address[0])
+    return str(address)
+
+
+class _NoopContext:
+    """Presents an already-managed controller as an async context manager."""
+
+    def __init__(self, controller: ServiceController) -> None:
+        self._controller = controller
+
+    async def __aenter__(self) -> ServiceController:
+        return self._controller
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def install_signal_handlers(node: Node, tg: TaskGroup) -> None:
+    """SIGTERM and Ctrl+C ask for a planned stop; a second one stops at once."""
+    if sys.platform == "win32":
+        signal.signal(signal.SIGINT, lambda *_: node.request_stop())
+        return
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                node.request_stop()
+
+    tg.start_soon(watch)
