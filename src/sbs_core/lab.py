@@ -37,6 +37,7 @@ __all__ = (
     "Pair",
     "free_port",
     "marker_sentinel",
+    "read_markers",
     "write_node_config",
 )
 
@@ -47,24 +48,56 @@ SLEEPER = "import time\nwhile True:\n    time.sleep(1)\n"
 
 
 def marker_sentinel(folder: Path) -> str:
-    """A sentinel that writes ``<folder>/<name>.<pid>`` with its start time and environment.
+    """A sentinel that records when it ran, where, and with which epoch.
 
-    The file appears the moment the process runs, so a test or a benchmark can
-    tell from outside when a sentinel started, where, and with which epoch.
+    At start it writes ``<folder>/<name>.<pid>.start`` (JSON: ``at``, ``pid``,
+    ``epoch``, ``role``, ``node``); on SIGTERM it writes ``<name>.<pid>.stop``
+    (``at``) and exits. A SIGKILLed sentinel writes no stop file. The start file
+    appears the moment the process runs, so a test or a benchmark can see from
+    outside when a sentinel started and prove two never ran at the same time.
     """
     return (
-        "import json, os, time\n"
+        "import json, os, signal, sys, time\n"
         f"folder = {str(folder)!r}\n"
         "name = os.environ['SBS_SENTINEL']\n"
-        "body = {'at': time.time(), 'pid': os.getpid(), 'epoch': os.environ['SBS_EPOCH'],"
-        " 'role': os.environ['SBS_ROLE'], 'node': os.environ.get('SBS_TEST_NODE', '')}\n"
-        "tmp = os.path.join(folder, f'.{name}.{os.getpid()}')\n"
-        "with open(tmp, 'w') as f:\n"
-        "    json.dump(body, f)\n"
-        "os.replace(tmp, os.path.join(folder, f'{name}.{os.getpid()}'))\n"
+        "def mark(kind, body):\n"
+        "    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.{kind}')\n"
+        "    with open(tmp, 'w') as f:\n"
+        "        json.dump(body, f)\n"
+        "    os.replace(tmp, os.path.join(folder, f'{name}.{os.getpid()}.{kind}'))\n"
+        "def on_term(signum, frame):\n"
+        "    mark('stop', {'at': time.time()})\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "mark('start', {'at': time.time(), 'pid': os.getpid(), 'epoch': os.environ['SBS_EPOCH'],"
+        " 'role': os.environ['SBS_ROLE'], 'node': os.environ.get('SBS_TEST_NODE', '')})\n"
         "while True:\n"
         "    time.sleep(1)\n"
     )
+
+
+def read_markers(folder: Path) -> list[dict[str, Any]]:
+    """The runs recorded by :func:`marker_sentinel`: name, node, epoch, pid, ``start``, ``stop``.
+
+    ``stop`` is None for a run that is still going or was killed.
+    """
+    runs: list[dict[str, Any]] = []
+    for start in sorted(folder.glob("*.start")):
+        name, pid, _ = start.name.rsplit(".", 2)
+        body = json.loads(start.read_text())
+        stop_file = start.with_suffix(".stop")
+        stop = json.loads(stop_file.read_text())["at"] if stop_file.exists() else None
+        runs.append(
+            {
+                "name": name,
+                "pid": int(pid),
+                "node": body["node"],
+                "epoch": int(body["epoch"]),
+                "start": float(body["at"]),
+                "stop": stop,
+            }
+        )
+    return runs
 
 
 def free_port(*hosts: str) -> int:
