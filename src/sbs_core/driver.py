@@ -6,7 +6,7 @@ stream), a controller worker that carries out sentinel starts and stops in
 order, the local control channel, and the main loop that feeds every event to
 the :class:`~sbs_core.machine.RoleMachine` and carries out what it returns.
 
-Only the main loop touches the machine. Events are stamped with the time they
+Only the main loop changes the machine (others only read it). Events are stamped with the time they
 are *handled*, so the machine's clock never goes backwards.
 """
 
@@ -30,7 +30,13 @@ from sbs_core import __version__
 from sbs_core.config import Config
 from sbs_core.control import ControlServer
 from sbs_core.controller import ProcessController, ServiceController
-from sbs_core.errors import NotPrimaryError, ProtocolError, SbsError, UnknownSentinelError
+from sbs_core.errors import (
+    LocalProtocolError,
+    NotPrimaryError,
+    ProtocolError,
+    SbsError,
+    UnknownSentinelError,
+)
 from sbs_core.machine import (
     Action,
     Alert,
@@ -581,7 +587,10 @@ class Node:
         conn = self._conns.get(conn_id)
         if conn is None:
             return
-        conn.channel.send_control(encode_message(message))
+        try:
+            conn.channel.send_control(encode_message(message))
+        except LocalProtocolError:
+            return  # the channel failed on the reading side; its reader is closing it
         try:
             conn.outbox.send_nowait(conn.channel.data_to_send())
         except anyio.WouldBlock:
