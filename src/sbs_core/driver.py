@@ -214,8 +214,8 @@ class Node:
     async def run(self) -> None:
         """Run until a planned stop completes (or the caller cancels)."""
         node = self.config.node
-        self._store.lock()
         try:
+            self._store.lock()
             persisted = self._store.load() or PersistedState(
                 sentinels=tuple(s.name for s in self.config.controller.sentinels if s.autostart)
             )
@@ -249,6 +249,8 @@ class Node:
                     tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            for stream in (self._events_tx, self._events_rx, self._ctl_tx, self._ctl_rx):
+                stream.close()
             self._store.unlock()
 
     # ------------------------------------------------------------------ setup
@@ -496,6 +498,8 @@ class Node:
                 tg.cancel_scope.cancel()
         finally:
             self._conns.pop(conn_id, None)
+            outbox_tx.close()
+            outbox_rx.close()
             await anyio.aclose_forcefully(stream)
             final = reason
             self._post(lambda now: ConnectionClosed(now=now, conn=conn_id, reason=final))
