@@ -153,7 +153,14 @@ def node_status(config: Config) -> dict[str, Any]:
     try:
         answer = control_request(config.node.state_dir, {"cmd": "status"})
     except NodeNotRunning:
-        saved = StateStore(config.node.state_dir).load()
+        store = StateStore(config.node.state_dir)
+        saved = store.load()
+        # Read, never created here: a status must not write to the state directory.
+        try:
+            node_id: str | None = store.node_id_file.read_text(encoding="ascii").strip() or None
+        except OSError:
+            node_id = None
+        # The same keys as a running node's status, so tools need no special case.
         return {
             "role": "stopped",
             "mode": config.node.mode,
@@ -168,6 +175,10 @@ def node_status(config: Config) -> dict[str, Any]:
             "port": config.node.port,
             "peer": None,
             "last_error": None,
+            "node_id": node_id,
+            "pid": None,
+            "started_at": None,
+            "version": __version__,
         }
     if not isinstance(answer, dict) or not answer.get("ok"):
         raise ControlError(f"the node answered: {answer}")

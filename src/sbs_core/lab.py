@@ -83,6 +83,8 @@ def read_markers(folder: Path) -> list[dict[str, Any]]:
     """
     runs: list[dict[str, Any]] = []
     for start in sorted(folder.glob("*.start")):
+        if start.name.startswith("."):
+            continue  # a marker being written (pathlib's glob does not skip dot files)
         name, pid, _ = start.name.rsplit(".", 2)
         body = json.loads(start.read_text())
         stop_file = start.with_suffix(".stop")
@@ -305,6 +307,8 @@ class Pair:
     ) -> None:
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="sbs-pair-"))
+        # A caller's folder (pytest's tmp_path / "pair") need not exist yet.
+        self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.port = port or free_port(*HOSTS)
         self.secret_file = self.root / "secret"
