@@ -1,4 +1,4 @@
-"""The secure channel: handshake, tagged frames, and every way a peer can get it wrong.
+"""The secure channel: handshake, sealed frames, and every way a peer can get it wrong.
 
 Two channels are driven through an in-memory pump that hands each side's
 outgoing bytes to the other, whole, one byte at a time, or in random pieces.
@@ -7,11 +7,15 @@ outgoing bytes to the other, whole, one byte at a time, or in random pieces.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import random
+import struct
 from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +26,9 @@ from sbs_core.errors import (
 )
 from sbs_core.wire import (
     HANDSHAKE_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAX_FRAME_LIMIT,
+    TAG_SIZE,
     Authenticated,
     ChannelEvent,
     Closed,
@@ -426,7 +433,7 @@ def test_one_mib_data_frame_round_trips(seed: int) -> None:
     assert events == [DataReceived(payload=payload)]
 
 
-def test_frames_in_the_same_read_as_the_last_proof_are_read_tagged() -> None:
+def test_frames_in_the_same_read_as_the_last_proof_are_opened_as_sealed() -> None:
     initiator, responder = make_pair()
     responder.receive_data(b"")
     initiator.receive_data(responder.data_to_send())
@@ -434,13 +441,77 @@ def test_frames_in_the_same_read_as_the_last_proof_are_read_tagged() -> None:
     assert list(responder.events()) == [Authenticated()]
     responder.send_control(b'{"type":"hello"}')
     responder.send_data(b"chunk")
-    # Proof and two tagged frames arrive as one read.
+    # Proof and two sealed frames arrive as one read.
     initiator.receive_data(responder.data_to_send())
     assert list(initiator.events()) == [
         Authenticated(),
         ControlReceived(payload=b'{"type":"hello"}'),
         DataReceived(payload=b"chunk"),
     ]
+
+
+def session_key(label: bytes) -> bytes:
+    """A direction's key as docs/protocol.md derives it, independently of the code."""
+    return hmac.new(SECRET, label + NONCE_I + NONCE_R, hashlib.sha256).digest()
+
+
+@pytest.mark.parametrize(
+    ("label", "from_initiator"), [(b"sbs/1 key i2r", True), (b"sbs/1 key r2i", False)]
+)
+def test_frames_open_with_an_independent_aesgcm_key_and_nonce(
+    label: bytes, from_initiator: bool
+) -> None:
+    initiator, responder = open_pair()
+    sender = initiator if from_initiator else responder
+    aead = AESGCM(session_key(label))
+    for sequence, payload in enumerate([b'{"type":"hello"}', b"", b"x" * 1000]):
+        sender.send_data(payload)
+        wire = sender.data_to_send()
+        header, body = wire[:HEADER_SIZE], wire[HEADER_SIZE:]
+        assert header == encode_header(FrameKind.DATA, len(payload) + TAG_SIZE)
+        assert len(body) == len(payload) + TAG_SIZE
+        nonce = bytes(4) + struct.pack(">Q", sequence)
+        assert aead.decrypt(nonce, body, header) == payload
+
+
+def test_a_frame_sealed_independently_is_accepted() -> None:
+    _, responder = open_pair()
+    aead = AESGCM(session_key(b"sbs/1 key i2r"))
+    wire = b""
+    for sequence, payload in enumerate([b'{"type":"hello"}', b"chunk"]):
+        header = encode_header(FrameKind.CONTROL, len(payload) + TAG_SIZE)
+        wire += header + aead.encrypt(bytes(4) + struct.pack(">Q", sequence), payload, header)
+    responder.receive_data(wire)
+    assert list(responder.events()) == [
+        ControlReceived(payload=b'{"type":"hello"}'),
+        ControlReceived(payload=b"chunk"),
+    ]
+
+
+@given(
+    control=st.binary(min_size=16, max_size=2000),
+    data=st.binary(min_size=16, max_size=2000),
+)
+def test_the_wire_never_carries_a_payload_in_the_clear(control: bytes, data: bytes) -> None:
+    initiator, responder = open_pair()
+    initiator.send_control(control)
+    initiator.send_data(data)
+    wire = initiator.data_to_send()
+    assert control not in wire
+    assert data not in wire
+    responder.receive_data(wire)
+    assert list(responder.events()) == [
+        ControlReceived(payload=control),
+        DataReceived(payload=data),
+    ]
+
+
+def test_the_same_payload_twice_looks_different_on_the_wire() -> None:
+    initiator, _ = open_pair()
+    initiator.send_data(b"the same chunk of a file")
+    first = initiator.data_to_send()
+    initiator.send_data(b"the same chunk of a file")
+    assert initiator.data_to_send() != first
 
 
 @settings(max_examples=300)
@@ -496,18 +567,23 @@ def test_frame_reflected_to_its_sender_is_refused() -> None:
         initiator.receive_data(initiator.data_to_send())
 
 
-def test_untagged_frame_after_the_handshake_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b"{}", "too short"), (b'{"type":"heartbeat","state":{}}', "integrity")],
+)
+def test_frame_in_the_clear_after_the_handshake_is_refused(payload: bytes, reason: str) -> None:
     _, responder = open_pair()
-    with pytest.raises(RemoteProtocolError):
-        responder.receive_data(encode_frame(FrameKind.CONTROL, b"{}") + b"\x00" * 32)
+    with pytest.raises(RemoteProtocolError, match=reason):
+        responder.receive_data(encode_frame(FrameKind.CONTROL, payload) + b"\x00" * 32)
 
 
 def test_oversized_frame_is_refused_before_its_payload() -> None:
+    # The limit is on the payload: the sealed body may be a tag longer.
     _, responder = open_pair(max_frame=1024)
-    responder.receive_data(encode_header(FrameKind.DATA, 1024))
+    responder.receive_data(encode_header(FrameKind.DATA, 1024 + TAG_SIZE))
     _, responder = open_pair(max_frame=1024)
     with pytest.raises(RemoteProtocolError, match="exceeds"):
-        responder.receive_data(encode_header(FrameKind.DATA, 1025))
+        responder.receive_data(encode_header(FrameKind.DATA, 1025 + TAG_SIZE))
 
 
 def test_frames_verified_before_a_fault_are_still_delivered() -> None:
@@ -600,6 +676,7 @@ def test_a_later_change_to_a_sent_buffer_does_not_change_the_frame() -> None:
         (SECRET, NONCE_I[:31], 1024),
         (SECRET, NONCE_I + b"x", 1024),
         (SECRET, NONCE_I, 0),
+        (SECRET, NONCE_I, MAX_FRAME_LIMIT + 1),
         (SECRET, NONCE_I, 2**32),
     ],
 )
@@ -623,3 +700,5 @@ def test_properties_report_the_construction() -> None:
     channel = SecureChannel(SECRET, initiator=False, nonce=NONCE_R, max_frame=1234)
     assert not channel.initiator
     assert channel.max_frame == 1234
+    largest = SecureChannel(SECRET, initiator=True, nonce=NONCE_I, max_frame=MAX_FRAME_LIMIT)
+    assert largest.max_frame == MAX_FRAME_LIMIT

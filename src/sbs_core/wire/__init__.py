@@ -1,4 +1,4 @@
-"""The peer protocol's secure framing: frames, handshake and integrity tags, without I/O."""
+"""The peer protocol's secure framing: frames, handshake and sealed (AEAD) frames, without I/O."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from sbs_core.wire.frames import (
     FRAME_VERSION,
     HANDSHAKE_MAX_PAYLOAD,
     HEADER_SIZE,
+    KEY_SIZE,
     MAGIC,
+    MAX_FRAME_LIMIT,
     MAX_PAYLOAD_LIMIT,
     TAG_SIZE,
     Frame,
+    FrameCipher,
     FrameKind,
     FrameReader,
-    FrameTagger,
     decode_header,
     encode_frame,
     encode_header,
@@ -34,7 +36,9 @@ __all__ = (
     "FRAME_VERSION",
     "HANDSHAKE_MAX_PAYLOAD",
     "HEADER_SIZE",
+    "KEY_SIZE",
     "MAGIC",
+    "MAX_FRAME_LIMIT",
     "MAX_PAYLOAD_LIMIT",
     "NONCE_SIZE",
     "SUPPORTED_VERSIONS",
@@ -45,9 +49,9 @@ __all__ = (
     "ControlReceived",
     "DataReceived",
     "Frame",
+    "FrameCipher",
     "FrameKind",
     "FrameReader",
-    "FrameTagger",
     "SecureChannel",
     "decode_header",
     "encode_frame",

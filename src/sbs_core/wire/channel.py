@@ -1,4 +1,4 @@
-"""The secure channel of peer protocol v1: handshake, then tagged frames.
+"""The secure channel of peer protocol v1: handshake, then sealed frames.
 
 :class:`SecureChannel` is sans-IO, in the manner of wsproto: it never touches
 a socket, a clock or a random source. The caller moves bytes:
@@ -12,8 +12,8 @@ a socket, a clock or a random source. The caller moves bytes:
 Both sides first prove knowledge of the shared secret by HMAC challenge and
 response, without ever sending it; the initiator proves first, so a peer with
 the wrong secret receives nothing but the responder's random challenge. Every
-frame after that carries a tag under a per-direction session key. The wire
-format is described in ``docs/protocol.md``.
+frame after that is encrypted and authenticated with AES-256-GCM under a
+per-direction session key. The wire format is described in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from sbs_core.errors import AuthenticationError, LocalProtocolError, RemoteProto
 from sbs_core.wire.frames import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_MAX_PAYLOAD,
-    MAX_PAYLOAD_LIMIT,
+    MAX_FRAME_LIMIT,
     Frame,
+    FrameCipher,
     FrameKind,
     FrameReader,
-    FrameTagger,
     encode_frame,
-    encode_header,
 )
 
 __all__ = (
@@ -58,6 +57,8 @@ NONCE_SIZE: Final = 32
 
 _PROOF_INITIATOR: Final = b"sbs/1 proof initiator"
 _PROOF_RESPONDER: Final = b"sbs/1 proof responder"
+# The derived keys are the directions' AES-256-GCM keys. The labels are kept from when
+# they keyed HMAC tags, so the handshake and its derivation stay exactly as they were.
 _KEY_I2R: Final = b"sbs/1 key i2r"
 _KEY_R2I: Final = b"sbs/1 key r2i"
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
@@ -116,12 +117,13 @@ def _shown(value: object) -> str:
 
 
 class SecureChannel:
-    """One end of an authenticated, integrity-protected peer connection.
+    """One end of an authenticated, encrypted and integrity-protected peer connection.
 
     ``secret`` is the shared secret of the pair. ``initiator`` is True on the
     side that opened the connection. ``nonce`` must be 32 fresh random bytes
     (``os.urandom(32)``); the channel itself draws no randomness. ``max_frame``
-    bounds the payload of every frame after the handshake, in both directions.
+    bounds the payload of every frame after the handshake, in both directions;
+    it may be at most :data:`~sbs_core.wire.frames.MAX_FRAME_LIMIT` (2 GiB less 17 bytes).
 
     Errors: :meth:`receive_data` raises
     :class:`~sbs_core.errors.RemoteProtocolError` (or its subclass
@@ -146,8 +148,8 @@ class SecureChannel:
             raise LocalProtocolError("the shared secret must not be empty")
         if len(nonce) != NONCE_SIZE:
             raise LocalProtocolError(f"the nonce must be {NONCE_SIZE} bytes, not {len(nonce)}")
-        if not 1 <= max_frame <= MAX_PAYLOAD_LIMIT:
-            raise LocalProtocolError(f"max_frame must be from 1 to {MAX_PAYLOAD_LIMIT}")
+        if not 1 <= max_frame <= MAX_FRAME_LIMIT:
+            raise LocalProtocolError(f"max_frame must be from 1 to {MAX_FRAME_LIMIT}")
         self._secret = bytes(secret)
         self._initiator = initiator
         self._nonce = bytes(nonce)
@@ -156,8 +158,8 @@ class SecureChannel:
         self._reader = FrameReader()
         self._outgoing: list[bytes] = []
         self._events: deque[ChannelEvent] = deque()
-        self._send_tagger: FrameTagger | None = None
-        self._receive_tagger: FrameTagger | None = None
+        self._send_cipher: FrameCipher | None = None
+        self._receive_cipher: FrameCipher | None = None
         self._peer_nonce = b""
         self._failure: str | None = None
         self._eof = False
@@ -173,7 +175,7 @@ class SecureChannel:
     @property
     def authenticated(self) -> bool:
         """True once the peer proved it holds the secret (and stays True afterwards)."""
-        return self._send_tagger is not None
+        return self._send_cipher is not None
 
     @property
     def max_frame(self) -> int:
@@ -229,18 +231,15 @@ class SecureChannel:
     def _send(self, kind: FrameKind, payload: bytes) -> None:
         if self._failure is not None:
             raise LocalProtocolError(f"cannot send on a failed channel ({self._failure})")
-        if self._send_tagger is None:
+        if self._send_cipher is None:
             raise LocalProtocolError("cannot send before the handshake has completed")
         if len(payload) > self._max_frame:
             raise LocalProtocolError(
                 f"payload of {len(payload)} bytes exceeds max_frame={self._max_frame}"
             )
-        # Snapshot: a bytearray changed by the caller later must not change what is sent.
-        payload = bytes(payload)
-        header = encode_header(kind, len(payload))
-        tag = self._send_tagger.tag(header, payload)
-        # Parts are joined once in data_to_send(): a large payload is copied only there.
-        self._outgoing += (header, payload, tag)
+        # The sealed body is a fresh object, so it doubles as the snapshot of a buffer
+        # the caller may change later. Parts are joined once, in data_to_send().
+        self._outgoing += self._send_cipher.seal(kind, payload)
 
     def _send_handshake(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":")).encode()
@@ -249,13 +248,13 @@ class SecureChannel:
     # --- receiving -----------------------------------------------------------
 
     def _process_frames(self) -> None:
-        # Limits and tags are looked up afresh for every frame, so bytes that follow
-        # the last handshake frame in the same read are already read in tagged mode.
+        # Limits and ciphers are looked up afresh for every frame, so bytes that follow
+        # the last handshake frame in the same read are already opened as sealed frames.
         while True:
             open_ = self._state is _State.OPEN
             frame = self._reader.next_frame(
                 max_payload=self._max_frame if open_ else HANDSHAKE_MAX_PAYLOAD,
-                tagger=self._receive_tagger,
+                cipher=self._receive_cipher,
             )
             if frame is None:
                 return
@@ -333,8 +332,8 @@ class SecureChannel:
         k_i2r = _mac(self._secret, _KEY_I2R, *self._nonces())
         k_r2i = _mac(self._secret, _KEY_R2I, *self._nonces())
         send_key, receive_key = (k_i2r, k_r2i) if self._initiator else (k_r2i, k_i2r)
-        self._send_tagger = FrameTagger(send_key)
-        self._receive_tagger = FrameTagger(receive_key)
+        self._send_cipher = FrameCipher(send_key)
+        self._receive_cipher = FrameCipher(receive_key)
         self._state = _State.OPEN
         self._events.append(Authenticated())
 

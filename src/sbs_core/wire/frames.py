@@ -1,10 +1,14 @@
-"""The frame format of peer protocol v1: header, payload, optional integrity tag.
+"""The frame format of peer protocol v1: a header, then a payload in the clear or sealed.
 
-A frame is an 8-byte header (magic ``b"SB"``, version, kind, payload length),
-the payload, and, once the channel is authenticated, a 32-byte HMAC-SHA256 tag
-over the direction's sequence number, the header and the payload. This module
-knows nothing about the handshake: :mod:`sbs_core.wire.channel` decides when
-tags start and how large a payload may be.
+A frame is an 8-byte header (magic ``b"SB"``, version, kind, length) and a body
+of ``length`` bytes. During the handshake the body is the payload itself. Once
+the channel is authenticated the body is the payload sealed with AES-256-GCM
+(the ciphertext, then the 16-byte tag) under the direction's session key, with
+the direction's sequence number as the nonce and the header as associated data.
+The length counts the whole body, tag included, so a frame's extent always
+follows from its header alone. This module knows nothing about the handshake:
+:mod:`sbs_core.wire.channel` decides when sealing starts and how large a payload
+may be.
 
 Nothing here does I/O; everything the peer can get wrong raises
 :class:`~sbs_core.errors.RemoteProtocolError`.
@@ -12,13 +16,14 @@ Nothing here does I/O; everything the peer can get wrong raises
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sbs_core.errors import LocalProtocolError, RemoteProtocolError
 
@@ -27,13 +32,15 @@ __all__ = (
     "FRAME_VERSION",
     "HANDSHAKE_MAX_PAYLOAD",
     "HEADER_SIZE",
+    "KEY_SIZE",
     "MAGIC",
+    "MAX_FRAME_LIMIT",
     "MAX_PAYLOAD_LIMIT",
     "TAG_SIZE",
     "Frame",
+    "FrameCipher",
     "FrameKind",
     "FrameReader",
-    "FrameTagger",
     "decode_header",
     "encode_frame",
     "encode_header",
@@ -43,14 +50,22 @@ MAGIC: Final = b"SB"
 FRAME_VERSION: Final = 1
 _HEADER: Final = struct.Struct(">2sBBI")
 HEADER_SIZE: Final = _HEADER.size
-TAG_SIZE: Final = hashlib.sha256().digest_size
+#: Size in bytes of a session key: AES-256.
+KEY_SIZE: Final = 32
+#: Size in bytes of the GCM tag that ends every sealed body.
+TAG_SIZE: Final = 16
 # Before authentication the peer is a stranger: it may only make us buffer a little.
 HANDSHAKE_MAX_PAYLOAD: Final = 4096
 DEFAULT_MAX_FRAME: Final = 8 * 1024 * 1024
 # What the 32-bit length field can express.
 MAX_PAYLOAD_LIMIT: Final = 2**32 - 1
+#: The largest payload a sealed frame may carry. The AEAD library takes at most
+#: 2**31 - 1 bytes per call, and older releases count the tag on the receiving side.
+MAX_FRAME_LIMIT: Final = 2**31 - 1 - TAG_SIZE
 
+# The nonce is the sequence number, so the last number usable is 2**64 - 1.
 _SEQUENCE_LIMIT: Final = 2**64
+_AEAD_NONCE_SIZE: Final = 12
 
 
 class FrameKind(IntEnum):
@@ -68,21 +83,21 @@ _KINDS: Final = {kind.value: kind for kind in FrameKind}
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Frame:
-    """One complete frame taken off the wire (its tag, if any, already verified)."""
+    """One complete frame taken off the wire (opened and verified, if it was sealed)."""
 
     kind: FrameKind
     payload: bytes
 
 
 def encode_header(kind: FrameKind, length: int) -> bytes:
-    """The 8-byte header of a frame of ``kind`` carrying ``length`` payload bytes."""
+    """The 8-byte header of a frame of ``kind`` whose body is ``length`` bytes."""
     if not 0 <= length <= MAX_PAYLOAD_LIMIT:
         raise LocalProtocolError(f"payload of {length} bytes does not fit in a frame")
     return _HEADER.pack(MAGIC, FRAME_VERSION, kind, length)
 
 
 def decode_header(header: bytes) -> tuple[FrameKind, int]:
-    """Check an 8-byte header and return its kind and payload length."""
+    """Check an 8-byte header and return its kind and body length."""
     magic, version, kind, length = _HEADER.unpack(header)
     if magic != MAGIC:
         raise RemoteProtocolError(f"bad frame magic {magic!r}")
@@ -94,50 +109,74 @@ def decode_header(header: bytes) -> tuple[FrameKind, int]:
     return frame_kind, length
 
 
-class FrameTagger:
-    """Computes the tags of one direction of a channel, in order.
+class FrameCipher:
+    """Seals or opens the frames of one direction of a channel, in order.
 
-    Each call to :meth:`tag` consumes the next sequence number, so a frame that is
-    replayed, dropped or moved gets a tag that no longer matches.
+    Each frame consumes the next sequence number, which is its nonce: a frame
+    that is replayed, dropped or moved is opened with a nonce it was not sealed
+    with and fails like a forgery. Each key must serve one direction of one
+    session only (the channel derives fresh ones for every connection): that is
+    what keeps a nonce from ever being used twice with the same key.
     """
 
-    __slots__ = ("_keyed", "_sequence")
+    __slots__ = ("_aead", "_sequence")
 
     def __init__(self, key: bytes) -> None:
-        # Keying HMAC costs two compressions; copying a keyed object skips them per frame.
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        if len(key) != KEY_SIZE:
+            raise LocalProtocolError(f"a frame key must be {KEY_SIZE} bytes, not {len(key)}")
+        self._aead = AESGCM(key)
         self._sequence = 0
 
     @property
     def sequence(self) -> int:
-        """The sequence number the next frame will be tagged with."""
+        """The sequence number of the next frame in this direction."""
         return self._sequence
 
-    def tag(self, header: bytes, payload: bytes | memoryview) -> bytes:
-        """The tag of the next frame in this direction."""
+    def seal(self, kind: FrameKind, payload: bytes) -> tuple[bytes, bytes]:
+        """The header and the sealed body of the next frame in this direction."""
+        if len(payload) > MAX_FRAME_LIMIT:
+            raise LocalProtocolError(f"payload of {len(payload)} bytes does not fit in a frame")
         if self._sequence >= _SEQUENCE_LIMIT:
             raise LocalProtocolError("sequence numbers exhausted; open a new channel")
-        mac = self._keyed.copy()
-        mac.update(self._sequence.to_bytes(8, "big"))
-        mac.update(header)
-        mac.update(payload)
+        header = encode_header(kind, len(payload) + TAG_SIZE)
+        # A fresh object: a buffer the caller changes later cannot change what is sent.
+        body = self._aead.encrypt(self._nonce(), payload, header)
         self._sequence += 1
-        return mac.digest()
+        return header, body
+
+    def open(self, header: bytes, body: bytes | memoryview) -> bytes:
+        """The payload of the next frame in this direction, if ``body`` is genuine."""
+        if self._sequence >= _SEQUENCE_LIMIT:
+            # The sender refuses to seal past this point, so nothing here can be genuine.
+            raise RemoteProtocolError("frame after the last sequence number")
+        try:
+            payload = self._aead.decrypt(self._nonce(), body, header)
+        except InvalidTag:
+            raise RemoteProtocolError("frame failed its integrity check") from None
+        self._sequence += 1
+        return payload
+
+    def _nonce(self) -> bytes:
+        # One conversion gives the documented 4 zero bytes + 8-byte sequence number,
+        # since the sequence number never reaches 2**64.
+        return self._sequence.to_bytes(_AEAD_NONCE_SIZE, "big")
 
 
-def encode_frame(kind: FrameKind, payload: bytes, tagger: FrameTagger | None = None) -> bytes:
-    """A whole frame as bytes; tagged (consuming a sequence number) if ``tagger`` is given."""
-    header = encode_header(kind, len(payload))
-    tag = b"" if tagger is None else tagger.tag(header, payload)
-    return b"".join((header, payload, tag))
+def encode_frame(kind: FrameKind, payload: bytes, cipher: FrameCipher | None = None) -> bytes:
+    """A whole frame as bytes; sealed (consuming a sequence number) if ``cipher`` is given."""
+    if cipher is None:
+        return encode_header(kind, len(payload)) + payload
+    header, body = cipher.seal(kind, payload)
+    return header + body
 
 
 class FrameReader:
     """Reassembles frames from the byte stream, however it is split.
 
-    Reads are kept as they came, in a queue, and each payload is joined from
-    them exactly once: a large frame that arrives in many reads costs one copy,
-    never one per read, and no buffer is ever grown or shifted.
+    Reads are kept as they came, in a queue. A frame body that lies within one
+    read is handed on as a view of it; one that spans several reads is joined
+    from them exactly once: a large frame that arrives in many reads costs one
+    copy, never one per read, and no buffer is ever grown or shifted.
     """
 
     __slots__ = ("_chunks", "_offset", "_size")
@@ -159,28 +198,31 @@ class FrameReader:
             self._chunks.append(bytes(data))
             self._size += len(data)
 
-    def next_frame(self, *, max_payload: int, tagger: FrameTagger | None) -> Frame | None:
+    def next_frame(self, *, max_payload: int, cipher: FrameCipher | None) -> Frame | None:
         """The next complete frame, or None until more bytes arrive.
 
         The header is checked as soon as it is complete, so an oversized or
-        foreign frame is refused before its payload is buffered. With a
-        ``tagger`` the frame must carry a valid tag for the next sequence number.
+        foreign frame is refused before its body is buffered. With a ``cipher``
+        the frame must be sealed under the next sequence number, and
+        ``max_payload`` bounds the payload inside, not the sealed body.
         """
         if self._size < HEADER_SIZE:
             return None
         header = self._peek(HEADER_SIZE)
         kind, length = decode_header(header)
-        if length > max_payload:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {max_payload}")
-        tag_size = 0 if tagger is None else TAG_SIZE
-        if self._size < HEADER_SIZE + length + tag_size:
+        payload_size = length if cipher is None else length - TAG_SIZE
+        if payload_size < 0:
+            raise RemoteProtocolError(f"sealed frame of {length} bytes is too short for its tag")
+        if payload_size > max_payload:
+            raise RemoteProtocolError(
+                f"frame of {payload_size} bytes exceeds the limit of {max_payload}"
+            )
+        if self._size < HEADER_SIZE + length:
             return None
         self._take(HEADER_SIZE)
-        payload = self._take(length)
-        if tagger is not None and not hmac.compare_digest(
-            tagger.tag(header, payload), self._take(TAG_SIZE)
-        ):
-            raise RemoteProtocolError("frame failed its integrity check")
+        body = self._take(length)
+        # A handshake body is small: copying it out of its read keeps Frame.payload plain bytes.
+        payload = bytes(body) if cipher is None else cipher.open(header, body)
         return Frame(kind=kind, payload=payload)
 
     def _peek(self, size: int) -> bytes:
@@ -198,14 +240,15 @@ class FrameReader:
                 break
         return b"".join(parts)
 
-    def _take(self, size: int) -> bytes:
+    def _take(self, size: int) -> bytes | memoryview:
         self._size -= size
         chunks = self._chunks
         offset = self._offset
         first = chunks[0] if chunks else b""
         if len(first) - offset > size:
             self._offset = offset + size
-            return first[offset : offset + size]
+            # A view, not a slice: opening a sealed body needs no copy of it.
+            return memoryview(first)[offset : offset + size]
         parts: list[bytes | memoryview] = []
         while size:
             first = chunks[0]
@@ -220,7 +263,7 @@ class FrameReader:
                 offset += size
                 size = 0
         self._offset = offset
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            # A read that was exactly this piece is handed on without a copy.
+        if len(parts) == 1:
+            # What lay within one read is handed on without a copy.
             return parts[0]
         return b"".join(parts)
