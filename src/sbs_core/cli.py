@@ -29,6 +29,7 @@ from sbs_core.demo import run_demo
 from sbs_core.driver import Node, install_signal_handlers
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.state import StateStore, write_atomically
+from sbs_core.sync.engine import SyncStatus
 
 __all__ = ("main",)
 
@@ -179,6 +180,7 @@ def node_status(config: Config) -> dict[str, Any]:
             "pid": None,
             "started_at": None,
             "version": __version__,
+            **SyncStatus().as_dict(),
         }
     if not isinstance(answer, dict) or not answer.get("ok"):
         raise ControlError(f"the node answered: {answer}")

@@ -20,18 +20,24 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from sbs_core import __version__
 from sbs_core.config import Config
+from sbs_core.connection import (
+    ConnectionGone,
+    Heard,
+    PeerConnection,
+    describe,
+    handshake,
+    remote_host,
+)
 from sbs_core.control import ControlServer
 from sbs_core.controller import ProcessController, ServiceController
 from sbs_core.errors import (
-    LocalProtocolError,
     NotPrimaryError,
     ProtocolError,
     SbsError,
@@ -40,6 +46,7 @@ from sbs_core.errors import (
 from sbs_core.machine import (
     Action,
     Alert,
+    AlertKind,
     AllStopped,
     Close,
     Connect,
@@ -65,12 +72,13 @@ from sbs_core.machine import (
     StopSentinels,
     TimerFired,
 )
-from sbs_core.messages import Goodbye, Hello, Message, decode_message, encode_message
+from sbs_core.messages import SYNC_MESSAGES, Goodbye, Message, SyncMessage
 from sbs_core.state import StateStore
+from sbs_core.sync.engine import LinkClosed, SyncEngine
 from sbs_core.transport import TcpTransport, Transport
-from sbs_core.wire import NONCE_SIZE, Authenticated, Closed, ControlReceived, SecureChannel
+from sbs_core.wire import NONCE_SIZE, SecureChannel
 
-__all__ = ("FileSync", "Node", "NullSync")
+__all__ = ("FileSync", "Node")
 
 logger = logging.getLogger("sbs")
 
@@ -83,18 +91,29 @@ _REFUSAL_LOG_INTERVAL = 60.0
 
 
 class FileSync(Protocol):
-    """Replication, as the driver sees it (the real one plugs in here)."""
+    """Replication, as the driver sees it (:class:`~sbs_core.sync.SyncEngine` is the real one)."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run background work (file watching, sessions) until cancelled."""
+        ...
+
+    def attach(self, conn: ConnId) -> None:
+        """This node is primary and ``conn`` leads to its secondary: replicate to it."""
+        ...
+
+    def detach(self) -> None: ...
 
     async def final_cycle(self, conn: ConnId) -> None:
         """Push every local change to the peer on ``conn`` before a handover."""
         ...
 
+    def on_message(self, conn: ConnId, message: SyncMessage) -> None: ...
 
-class NullSync:
-    """No replication: the final cycle has nothing to push."""
+    def on_data(self, conn: ConnId, payload: bytes) -> None: ...
 
-    async def final_cycle(self, conn: ConnId) -> None:
-        return None
+    def on_closed(self, conn: ConnId) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
 
 
 EventFactory = Callable[[float], Event]
@@ -109,17 +128,6 @@ class _Request:
     error: str | None = None
 
 
-@dataclass(kw_only=True, slots=True)
-class _Conn:
-    id: ConnId
-    stream: ByteStream
-    channel: SecureChannel
-    outbox: MemoryObjectSendStream[bytes | None]
-    peer_host: str
-    last_heard_wall: float = 0.0
-    flushed: anyio.Event = field(default_factory=anyio.Event)
-
-
 class Node:
     """One sbs node: ``await Node(config).run()`` until a planned stop completes."""
 
@@ -129,18 +137,21 @@ class Node:
         *,
         transport: Transport | None = None,
         controller: ServiceController | None = None,
-        sync: FileSync | None = None,
+        sync: Callable[[Node], FileSync] | None = None,
     ) -> None:
         self.config = config
         node = config.node
         self._transport: Transport = transport or TcpTransport()
         self._controller_override = controller
-        self._sync: FileSync = sync or NullSync()
+        self._sync: FileSync = (
+            sync(self) if sync else SyncEngine(config, link=self, alert=self._sync_alert)
+        )
         self._store = StateStore(node.state_dir)
         self._secret = node.read_secret()
         self._known_sentinels = {s.name for s in config.controller.sentinels}
-        self._conns: dict[ConnId, _Conn] = {}
-        self._closing: list[_Conn] = []
+        self._conns: dict[ConnId, PeerConnection] = {}
+        self._closing: list[PeerConnection] = []
+        self._replicating_to: ConnId | None = None
         self._next_conn = 1
         self._handshakes = anyio.Semaphore(_MAX_HANDSHAKES)
         self._refusals_logged: dict[tuple[str, str], float] = {}
@@ -209,6 +220,7 @@ class Node:
             "pid": os.getpid(),
             "started_at": self._started_wall,
             "version": __version__,
+            **self._sync.snapshot(),
         }
 
     async def run(self) -> None:
@@ -240,6 +252,7 @@ class Node:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await tg.start(control.serve)
+                    await tg.start(self._sync.run)
                     tg.start_soon(listener.serve, self._accepted)
                     tg.start_soon(self._controller_worker)
                     tg.start_soon(self._stop_watchdog)
@@ -311,6 +324,16 @@ class Node:
                 self._execute(machine.handle(item(now)))
 
     def _execute(self, actions: list[Action]) -> None:
+        self._carry_out(actions)
+        target = self.machine.replication_target()
+        if target != self._replicating_to:
+            self._replicating_to = target
+            if target is None:
+                self._sync.detach()
+            else:
+                self._sync.attach(target)
+
+    def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
                 case Connect():
@@ -433,7 +456,7 @@ class Node:
                     node.remote_address, node.port, local_host=node.local_address
                 )
         except (OSError, TimeoutError) as exc:
-            reason = f"{node.remote_address}:{node.port}: {_describe(exc)}"
+            reason = f"{node.remote_address}:{node.port}: {describe(exc)}"
             self._post(lambda now: ConnectFailed(now=now, answered=False, reason=reason))
             return
         await self._run_stream(stream, initiated=True)
@@ -446,13 +469,13 @@ class Node:
         await self._run_stream(stream, initiated=False)
 
     async def _run_stream(self, stream: ByteStream, *, initiated: bool) -> None:
-        peer_host = _remote_host(stream)
+        peer_host = remote_host(stream)
         channel = SecureChannel(self._secret, initiator=initiated, nonce=os.urandom(NONCE_SIZE))
-        heard = _Heard()
+        heard = Heard()
         try:
             async with self._handshakes:
                 with anyio.fail_after(self.config.node.connect_timeout):
-                    hello = await self._handshake(stream, channel, heard)
+                    hello = await handshake(stream, channel, self.machine.hello, heard)
         except (
             ProtocolError,
             OSError,
@@ -462,7 +485,7 @@ class Node:
             anyio.ClosedResourceError,
         ) as exc:
             await anyio.aclose_forcefully(stream)
-            reason = _describe(exc)
+            reason = describe(exc)
             if initiated:
                 # Bytes from the peer then a failure: something answered and refused
                 # us (wrong secret, version). Silence is not an answer.
@@ -477,108 +500,29 @@ class Node:
             return
         conn_id = self._next_conn
         self._next_conn += 1
-        outbox_tx, outbox_rx = anyio.create_memory_object_stream[bytes | None](_OUTBOX_FRAMES)
-        conn = _Conn(
-            id=conn_id,
-            stream=stream,
-            channel=channel,
-            outbox=outbox_tx,
-            peer_host=peer_host,
-            last_heard_wall=time.time(),
-        )
+        conn = PeerConnection(conn_id, stream, channel, peer_host)
         self._conns[conn_id] = conn
         self._post(
             lambda now: PeerConnected(now=now, conn=conn_id, hello=hello, initiated=initiated)
         )
+
+        def on_message(message: Message) -> None:
+            if isinstance(message, SYNC_MESSAGES):
+                self._sync.on_message(conn_id, message)
+            else:
+                self._post(functools.partial(_received, conn=conn_id, message=message))
+
+        def on_data(payload: bytes) -> None:
+            self._sync.on_data(conn_id, payload)
+
         reason = "closed"
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._writer, conn, outbox_rx)
-                reason = await self._reader(conn)
-                tg.cancel_scope.cancel()
+            reason = await conn.run(on_message, on_data)
         finally:
             self._conns.pop(conn_id, None)
-            outbox_tx.close()
-            outbox_rx.close()
-            await anyio.aclose_forcefully(stream)
+            self._sync.on_closed(conn_id)
             final = reason
             self._post(lambda now: ConnectionClosed(now=now, conn=conn_id, reason=final))
-
-    async def _handshake(self, stream: ByteStream, channel: SecureChannel, heard: _Heard) -> Hello:
-        await stream.send(channel.data_to_send())
-        sent_hello = False
-        while True:
-            try:
-                data: bytes | None = await stream.receive(65536)
-                heard.anything = True
-            except anyio.EndOfStream:
-                data = None
-            channel.receive_data(data)
-            for event in channel.events():
-                match event:
-                    case Authenticated():
-                        channel.send_control(encode_message(self.machine.hello()))
-                        sent_hello = True
-                    case ControlReceived(payload=payload) if sent_hello:
-                        message = decode_message(payload)
-                        if not isinstance(message, Hello):
-                            raise ProtocolError(f"expected hello, got {message.type}")
-                        out = channel.data_to_send()
-                        if out:
-                            await stream.send(out)
-                        return message
-                    case Closed():
-                        raise anyio.EndOfStream
-                    case _:
-                        raise ProtocolError("unexpected frame during the handshake")
-            out = channel.data_to_send()
-            if out:
-                await stream.send(out)
-
-    async def _reader(self, conn: _Conn) -> str:
-        while True:
-            try:
-                data: bytes | None = await conn.stream.receive(65536)
-            except anyio.EndOfStream:
-                data = None
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                return _describe(exc)
-            try:
-                conn.channel.receive_data(data)
-            except ProtocolError as exc:
-                logger.warning("peer %s broke the protocol: %s", conn.peer_host, exc)
-                return f"protocol error: {exc}"
-            for event in conn.channel.events():
-                match event:
-                    case ControlReceived(payload=payload):
-                        try:
-                            message = decode_message(payload)
-                        except ProtocolError as exc:
-                            logger.warning("peer %s sent %s", conn.peer_host, exc)
-                            return str(exc)
-                        conn.last_heard_wall = time.time()
-                        self._post(functools.partial(_received, conn=conn.id, message=message))
-                    case Closed():
-                        return "closed by the peer"
-                    case _:
-                        pass  # data frames belong to replication, which is not wired yet
-            if data is None:
-                return "closed by the peer"
-
-    async def _writer(self, conn: _Conn, outbox: MemoryObjectReceiveStream[bytes | None]) -> None:
-        try:
-            async with outbox:
-                async for chunk in outbox:
-                    if chunk is None:
-                        break
-                    try:
-                        await conn.stream.send(chunk)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                        break
-            with anyio.move_on_after(1, shield=True):
-                await conn.stream.aclose()
-        finally:
-            conn.flushed.set()
 
     async def _flush_closing(self) -> None:
         # The last words of a planned stop (Handover, Goodbye) must reach the
@@ -589,33 +533,45 @@ class Node:
 
     def _send(self, conn_id: ConnId, message: Message) -> None:
         conn = self._conns.get(conn_id)
-        if conn is None:
-            return
-        try:
-            conn.channel.send_control(encode_message(message))
-        except LocalProtocolError:
-            return  # the channel failed on the reading side; its reader is closing it
-        try:
-            conn.outbox.send_nowait(conn.channel.data_to_send())
-        except anyio.WouldBlock:
-            logger.warning("peer %s is not reading: closing the connection", conn.peer_host)
-            self._close(conn_id, None)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+        if conn is not None:
+            conn.send_urgent(message)
 
     def _close(self, conn_id: ConnId, goodbye: Goodbye | None) -> None:
-        if goodbye is not None:
-            self._send(conn_id, goodbye)
         conn = self._conns.pop(conn_id, None)
         if conn is None:
             return
         self._closing = [c for c in self._closing if not c.flushed.is_set()]
         self._closing.append(conn)
+        conn.close(goodbye)
+
+    # ------------------------------------------------------------------ the sync link
+
+    async def send(self, conn: ConnId, message: Message) -> None:
+        """Replication's ordered lane to ``conn`` (waits while the lane is full)."""
+        peer = self._conns.get(conn)
+        if peer is None:
+            raise LinkClosed(f"connection {conn} is closed")
         try:
-            conn.outbox.send_nowait(None)
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            assert self._tg is not None
-            self._tg.start_soon(anyio.aclose_forcefully, conn.stream)
+            await peer.send_bulk(message)
+        except ConnectionGone as exc:
+            raise LinkClosed(str(exc)) from None
+
+    async def send_data(self, conn: ConnId, payload: bytes) -> None:
+        peer = self._conns.get(conn)
+        if peer is None:
+            raise LinkClosed(f"connection {conn} is closed")
+        try:
+            await peer.send_data(payload)
+        except ConnectionGone as exc:
+            raise LinkClosed(str(exc)) from None
+
+    def _sync_alert(
+        self, kind: str, message: str, level: Literal["info", "warning", "error"]
+    ) -> None:
+        if self._machine is None:
+            logger.log(_LEVELS[level], "%s: %s", kind, message)
+            return
+        self._alert(Alert(kind=_alert_kind(kind), message=message, level=level))
 
     def _log_refusal(self, host: str, reason: str) -> None:
         key = (host, reason)
@@ -629,33 +585,16 @@ def _sentinel_change(now: float, *, name: str, active: bool) -> Event:
     return SentinelChangeRequested(now=now, name=name, active=active)
 
 
+def _alert_kind(kind: str) -> AlertKind:
+    known: dict[str, AlertKind] = {
+        "replication_failed": "replication_failed",
+        "split_brain": "split_brain",
+    }
+    return known.get(kind, "replication_failed")
+
+
 def _received(now: float, *, conn: ConnId, message: Message) -> Event:
     return MessageReceived(now=now, conn=conn, message=message)
-
-
-@dataclass(slots=True)
-class _Heard:
-    anything: bool = False
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, anyio.EndOfStream):
-        return "closed by the peer"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def _remote_host(stream: ByteStream) -> str:
-    try:
-        address = stream.extra(SocketAttribute.remote_address)
-    except (anyio.TypedAttributeLookupError, OSError):
-        return "?"
-    if isinstance(address, tuple):
-        return str(address[0])
-    return str(address)
 
 
 class _NoopContext:

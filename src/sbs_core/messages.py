@@ -18,16 +18,28 @@ from sbs_core.errors import RemoteProtocolError
 
 __all__ = (
     "PROTOCOL_VERSION",
+    "SYNC_MESSAGES",
+    "Credit",
+    "CycleAck",
+    "CycleEnd",
+    "Delete",
     "Goodbye",
     "GoodbyeReason",
     "Handover",
     "HandoverReason",
     "Heartbeat",
     "Hello",
+    "Inventory",
     "Message",
     "Mode",
     "NodeState",
+    "Put",
+    "PutFile",
     "Role",
+    "RootSpec",
+    "Seal",
+    "SyncMessage",
+    "SyncStart",
     "decode_message",
     "encode_message",
 )
@@ -102,7 +114,117 @@ class Goodbye:
     detail: Text = ""
 
 
-Message = Hello | Heartbeat | Handover | Goodbye
+# ---------------------------------------------------------------- replication
+# A sync session runs on one connection, from the node that has files to push
+# (the primary, or a primary handing over) to its peer. Control messages and the
+# data frames they announce travel in one ordered lane; see docs/protocol.md.
+
+RootId = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=512)]
+WirePath = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=4096)]
+Digest = Annotated[str, pydantic.StringConstraints(max_length=128)]
+Count = Annotated[int, pydantic.Field(ge=0, lt=2**63)]
+Many = pydantic.Field(max_length=100_000)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RootSpec:
+    """One replicated folder: its id, its path as the sender names it, its file filter."""
+
+    id: RootId
+    path: Text
+    filter: Text
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncStart:
+    """Opens a sync session: the folders, and how files are to be applied."""
+
+    type: Literal["sync_start"] = "sync_start"
+    session: Count
+    roots: Annotated[tuple[RootSpec, ...], pydantic.Field(max_length=1000)]
+    preserve_timestamps: bool
+    window: Count
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Inventory:
+    """What the receiver holds in one root: (path, size, mtime_ns, digest) per file."""
+
+    type: Literal["inventory"] = "inventory"
+    session: Count
+    root: RootId
+    entries: Annotated[tuple[tuple[WirePath, Count, int, Digest], ...], Many]
+    last: bool  # the last inventory message of the session
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PutFile:
+    root: RootId
+    path: WirePath
+    size: Count
+    mtime_ns: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Put:
+    """Announces files whose contents follow, concatenated, in data frames."""
+
+    type: Literal["put"] = "put"
+    session: Count
+    files: Annotated[tuple[PutFile, ...], pydantic.Field(min_length=1, max_length=4096)]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Seal:
+    """Ends the data of the last Put: one digest per file, "" for a file torn while read."""
+
+    type: Literal["seal"] = "seal"
+    session: Count
+    digests: Annotated[tuple[Digest, ...], pydantic.Field(max_length=4096)]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Delete:
+    type: Literal["delete"] = "delete"
+    session: Count
+    root: RootId
+    paths: Annotated[tuple[WirePath, ...], Many]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CycleEnd:
+    """Everything of this cycle was sent: make it durable and acknowledge."""
+
+    type: Literal["cycle_end"] = "cycle_end"
+    session: Count
+    cycle: Count
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CycleAck:
+    """The receiver applied a cycle; ``retry`` lists (root, path, reason) to send again."""
+
+    type: Literal["cycle_ack"] = "cycle_ack"
+    session: Count
+    cycle: Count
+    applied: Count
+    retry: Annotated[tuple[tuple[RootId, WirePath, Text], ...], Many] = ()
+    refused: Annotated[tuple[tuple[RootId, WirePath, Text], ...], Many] = ()
+    error: Text = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Credit:
+    """The receiver has written this many more bytes: the sender may send as many."""
+
+    type: Literal["credit"] = "credit"
+    session: Count
+    bytes: Count
+
+
+SyncMessage = SyncStart | Inventory | Put | Seal | Delete | CycleEnd | CycleAck | Credit
+SYNC_MESSAGES = (SyncStart, Inventory, Put, Seal, Delete, CycleEnd, CycleAck, Credit)
+Message = Hello | Heartbeat | Handover | Goodbye | SyncMessage
 
 _ADAPTER: pydantic.TypeAdapter[Message] = pydantic.TypeAdapter(
     Annotated[Message, pydantic.Field(discriminator="type")]

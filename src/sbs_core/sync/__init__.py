@@ -7,6 +7,16 @@ between cycles. Everything here blocks; callers run it in worker threads.
 
 from __future__ import annotations
 
+from .apply import (
+    DEFAULT_MAX_DELETE_COUNT,
+    DEFAULT_MAX_DELETE_SHARE,
+    Applier,
+    Incoming,
+    IntegrityError,
+    Outcome,
+    OutcomeStatus,
+    deletion_allowed,
+)
 from .index import HashIndex, IndexRow
 from .paths import TEMP_PREFIX, UnsafePathError, check_wire_path, resolve_inside
 from .scan import (
@@ -21,15 +31,23 @@ from .scan import (
 )
 
 __all__ = (
+    "DEFAULT_MAX_DELETE_COUNT",
+    "DEFAULT_MAX_DELETE_SHARE",
     "HASH_NAME",
     "TEMP_PREFIX",
+    "Applier",
     "FileDigest",
     "FileStat",
     "HashIndex",
+    "Incoming",
     "IndexRow",
+    "IntegrityError",
+    "Outcome",
+    "OutcomeStatus",
     "ScanResult",
     "UnsafePathError",
     "check_wire_path",
+    "deletion_allowed",
     "hash_file",
     "matches",
     "new_hasher",

@@ -1,0 +1,791 @@
+"""Writing replicated files on the receiving node: checked, atomic, durable.
+
+Each incoming file goes to a temporary file (named :data:`~.paths.TEMP_PREFIX`
++ random + its name) in the folder of its target, so the final rename stays
+on one filesystem and is atomic: a reader sees the old file or the new one,
+never a mix, and a crash leaves at worst a temporary file, which
+:meth:`Applier.cleanup_temp_files` removes. A file is renamed over its target
+only once its size and content hash match what the sender announced.
+
+:meth:`Applier.commit` makes a whole batch durable before any of it becomes
+visible: on Linux one ``syncfs`` per filesystem instead of one ``fsync`` per
+file (thousands of small files would otherwise cost thousands of disk
+flushes), then the renames, then one ``fsync`` per folder. Elsewhere each
+temporary file is fsynced, a few at a time in worker threads.
+
+Every path from the peer goes through :func:`~.paths.check_wire_path` and
+:func:`~.paths.resolve_inside`: nothing outside the configured folders is ever
+written or deleted, and no symbolic link is followed on the way.
+
+:func:`deletion_allowed` is the strict-sync safety rule: a missing, unreadable
+or suddenly empty source never wipes the standby.
+
+Everything here blocks; callers run it in worker threads. One :class:`Applier`
+may serve several threads, but each :class:`Incoming` belongs to one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal
+
+from sbs_core.errors import LocalProtocolError, SbsError
+from sbs_core.state import write_atomically
+from sbs_core.sync.paths import (
+    MAX_COMPONENT_BYTES,
+    TEMP_PREFIX,
+    UnsafePathError,
+    _is_link,
+    check_wire_path,
+    resolve_inside,
+)
+from sbs_core.sync.scan import new_hasher
+
+__all__ = (
+    "DEFAULT_MAX_DELETE_COUNT",
+    "DEFAULT_MAX_DELETE_SHARE",
+    "Applier",
+    "Incoming",
+    "IntegrityError",
+    "Outcome",
+    "OutcomeStatus",
+    "deletion_allowed",
+)
+
+DEFAULT_MAX_DELETE_COUNT: int | None = None
+"""No absolute cap by default: a folder of 10 files and one of 100,000 differ too much."""
+
+DEFAULT_MAX_DELETE_SHARE: float | None = 0.5
+"""Refuse a cycle that would delete more than half of the standby's files in one folder."""
+
+OutcomeStatus = Literal["applied", "retry", "refused"]
+
+_WINDOWS = sys.platform == "win32"
+_FSYNC_THREADS = 8
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+# O_NONBLOCK: a FIFO planted where a file was expected must not hang the open.
+_READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | _BINARY | getattr(os, "O_NONBLOCK", 0)
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW | _BINARY
+
+
+class IntegrityError(SbsError, ValueError):
+    """A received file does not match the size or content hash its sender announced."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one file of a commit or a deletion.
+
+    ``applied``: done (for a deletion, also "was already gone"). ``retry``: not
+    done this time for a local reason (a file locked by an application, a
+    folder in the way, a disk error), so the sender should try again later.
+    ``refused``: will not be done, ever, as asked (a folder or a link where a
+    file should be deleted, a path that became unsafe). ``reason`` says why.
+    """
+
+    root_id: str
+    path: str
+    status: OutcomeStatus
+    reason: str = ""
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError):
+        return None  # a libc older than glibc 2.14, or no libc symbols at all
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+# Looked up at call time, so tests can count the calls or force the fallback.
+_SYNCFS = _find_syncfs()
+
+
+class Incoming:
+    """One file being received, written to a temporary file beside its target.
+
+    Made by :meth:`Applier.begin`. Feed it with :meth:`write`, check it with
+    :meth:`finish`, then hand it to :meth:`Applier.commit`; :meth:`abort`
+    throws it away. Whatever fails on the way removes the temporary file, and
+    so does the garbage collector if an unfinished one is simply dropped.
+    """
+
+    def __init__(
+        self,
+        applier: Applier,
+        *,
+        root_id: str,
+        path: str,
+        target: Path,
+        temp: Path,
+        file: IO[bytes],
+        size: int,
+        mtime_ns: int,
+        digest: str,
+        created: tuple[Path, ...],
+    ) -> None:
+        self.root_id = root_id
+        self.path = path
+        self.target = target
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self._digest = digest.lower()
+        self._applier = applier
+        self._temp = temp
+        self._file = file
+        self._created = created
+        self._hasher = new_hasher()
+        self._written = 0
+        self._state: Literal["open", "finished", "aborted", "committed"] = "open"
+        # A dropped Incoming must not leave its temporary file for the next
+        # cleanup, nor an unclosed file for the garbage collector to warn about.
+        self._discard = weakref.finalize(self, _discard_temp, file, temp)
+
+    @property
+    def digest(self) -> str:
+        """The expected content hash (lower-case hex), "" until it is known."""
+        return self._digest
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    @property
+    def temp_path(self) -> Path:
+        return self._temp
+
+    @property
+    def pending(self) -> bool:
+        """True while the temporary file exists: open or finished, not yet committed."""
+        return self._state in ("open", "finished")
+
+    def expect(self, digest: str) -> None:
+        """Set the content hash to check, when it arrives after the data (a ``Seal``)."""
+        self._require("open")
+        digest = digest.lower()
+        if self._digest and digest != self._digest:
+            self.abort()
+            raise IntegrityError(f"{self.path}: the sender announced two different content hashes")
+        self._digest = digest
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``; more bytes than the announced size abort the file."""
+        self._require("open")
+        view = memoryview(data)
+        if self._written + view.nbytes > self.size:
+            self.abort()
+            raise IntegrityError(f"{self.path}: received more than the announced {self.size} bytes")
+        try:
+            self._file.write(view)
+        except BaseException:
+            self.abort()
+            raise
+        self._hasher.update(view)
+        self._written += view.nbytes
+
+    def finish(self) -> None:
+        """Close the temporary file and check its size and hash; on a mismatch, abort."""
+        self._require("open")
+        try:
+            self._file.close()  # a full disk may only show up here, on the last flush
+        except BaseException:
+            self.abort()
+            raise
+        if self._written != self.size:
+            self.abort()
+            raise IntegrityError(
+                f"{self.path}: received {self._written} bytes, the sender announced {self.size}"
+            )
+        if not self._digest:
+            self.abort()
+            raise LocalProtocolError(f"{self.path}: finish() before the content hash was known")
+        actual = self._hasher.hexdigest()
+        if actual != self._digest:
+            self.abort()
+            raise IntegrityError(
+                f"{self.path}: content hash {actual[:16]}... differs from the announced "
+                f"{self._digest[:16]}..."
+            )
+        self._state = "finished"
+
+    def abort(self) -> None:
+        """Close and delete the temporary file. Harmless if done already or committed."""
+        if self.pending:
+            self._state = "aborted"
+            self._discard()
+
+    def _require(self, state: str) -> None:
+        if self._state != state:
+            raise LocalProtocolError(f"{self.path}: this file is {self._state}, not {state}")
+
+    def _drop(self, status: OutcomeStatus, reason: str) -> Outcome:
+        self.abort()
+        return Outcome(self.root_id, self.path, status, reason)
+
+    def _committed(self) -> Outcome:
+        self._state = "committed"
+        self._discard.detach()
+        return Outcome(self.root_id, self.path, "applied")
+
+    def __repr__(self) -> str:
+        return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
+
+
+def _discard_temp(file: IO[bytes], temp: Path) -> None:
+    # A write error was reported already; cleanup_temp_files gets a file that stays.
+    with contextlib.suppress(OSError):
+        file.close()
+    with contextlib.suppress(OSError):
+        temp.unlink()
+
+
+class Applier:
+    """Writes and deletes the files the peer sends, inside the configured folders.
+
+    ``roots`` maps each root id (``settings``, ``folder:...``) to its local
+    folder, created with its parents when its first file arrives.
+    ``conflicts_dir`` receives this node's copy of a file changed on both nodes
+    before it is overwritten; it must lie outside every root. With
+    ``preserve_timestamps`` a file gets the sender's modification time, else
+    the time it was written here. ``durable=False`` skips every flush to disk
+    (tests, or folders whose loss on a power cut does not matter).
+    """
+
+    def __init__(
+        self,
+        roots: Mapping[str, Path],
+        *,
+        conflicts_dir: Path,
+        preserve_timestamps: bool,
+        durable: bool = True,
+    ) -> None:
+        self.roots: dict[str, Path] = dict(roots)
+        self.conflicts_dir = conflicts_dir
+        self.preserve_timestamps = preserve_timestamps
+        self.durable = durable
+        kept = Path(os.path.realpath(conflicts_dir))
+        for root_id, root in self.roots.items():
+            real = Path(os.path.realpath(root))
+            if kept == real or real in kept.parents or kept in real.parents:
+                # Kept copies would be replicated, deleted or cleaned up as sync files.
+                raise ValueError(
+                    f"conflicts folder {conflicts_dir} overlaps folder {root_id!r} ({root})"
+                )
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[Incoming] = weakref.WeakSet()
+
+    def target_of(self, root_id: str, path: str) -> Path:
+        """The local file a wire path names; :class:`UnsafePathError` if it may not be used."""
+        root = self.roots.get(root_id)
+        if root is None:
+            raise UnsafePathError.broken_rule(path, f"names the unknown folder {root_id!r}")
+        return resolve_inside(root, check_wire_path(path))
+
+    def begin(self, root_id: str, path: str, *, size: int, mtime_ns: int, digest: str) -> Incoming:
+        """Start receiving one file of ``size`` bytes whose content hash is ``digest``.
+
+        ``digest`` may be "" if it arrives after the data; then call
+        :meth:`Incoming.expect` before :meth:`Incoming.finish`. Raises
+        :class:`UnsafePathError` for a path that may not be written (before
+        anything is created), :class:`OSError` if the folder or the temporary
+        file cannot be made (a file in the way of a folder, a full disk).
+        """
+        if size < 0:
+            raise ValueError(f"{path}: negative size {size}")
+        target = self.target_of(root_id, path)
+        real_root = Path(os.path.realpath(self.roots[root_id]))
+        created = _make_root(real_root) + _make_folders_inside(real_root, target.parent, path)
+        temp = target.parent / _temp_name(target.name)
+        fd = os.open(temp, _CREATE_FLAGS, 0o666)
+        try:
+            _copy_mode(fd, target)
+            file = open(fd, "wb")  # noqa: SIM115 - closed by finish() or abort()
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp)
+            raise
+        incoming = Incoming(
+            self,
+            root_id=root_id,
+            path=path,
+            target=target,
+            temp=temp,
+            file=file,
+            size=size,
+            mtime_ns=mtime_ns,
+            digest=digest,
+            created=created,
+        )
+        with self._lock:
+            self._live.add(incoming)
+        return incoming
+
+    def commit(self, batch: Sequence[Incoming]) -> list[Outcome]:
+        """Make every finished file of ``batch`` durable, then visible; one Outcome each.
+
+        A file that cannot be renamed over its target (locked by an
+        application, a folder in the way) gets a ``retry`` Outcome and its
+        temporary file is removed; the rest of the batch still applies. Files
+        of one batch naming the same target apply in order, the last one wins.
+        """
+        self._check_batch(batch)
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        by_device: dict[int, list[int]] = {}
+        for i, incoming in enumerate(batch):
+            try:
+                info = os.stat(incoming.temp_path)
+                if self.preserve_timestamps:
+                    # Set on the temporary file, so the target never shows the copy time.
+                    os.utime(incoming.temp_path, ns=(info.st_atime_ns, incoming.mtime_ns))
+            except OSError as exc:
+                outcomes[i] = incoming._drop("retry", f"cannot prepare the file: {_why(exc)}")
+                continue
+            by_device.setdefault(info.st_dev, []).append(i)
+
+        if self.durable:
+            for indexes in by_device.values():
+                failed = _flush_files([batch[i].temp_path for i in indexes])
+                for i, reason in zip(indexes, failed, strict=True):
+                    if reason is not None:
+                        outcomes[i] = batch[i]._drop("retry", f"cannot flush the file: {reason}")
+
+        folders: dict[Path, list[int]] = {}
+        for i, incoming in enumerate(batch):
+            if outcomes[i] is not None:
+                continue
+            outcome = outcomes[i] = self._rename(incoming)
+            if outcome.status == "applied":
+                folders.setdefault(incoming.target.parent, []).append(i)
+                for created in incoming._created:
+                    # A new folder's own name lives in its parent.
+                    folders.setdefault(created.parent, [])
+
+        if self.durable and not _WINDOWS:
+            for folder, indexes in sorted(folders.items()):
+                try:
+                    _fsync_folder(folder)
+                except OSError as exc:
+                    for i in indexes:
+                        outcomes[i] = Outcome(
+                            batch[i].root_id,
+                            batch[i].path,
+                            "retry",
+                            f"written, but its folder could not be flushed: {_why(exc)}",
+                        )
+        return [o for o in outcomes if o is not None]
+
+    def delete(self, root_id: str, path: str) -> Outcome:
+        """Delete one regular file; see :meth:`delete_many`."""
+        return self.delete_many(root_id, [path])[0]
+
+    def delete_many(self, root_id: str, paths: Iterable[str]) -> list[Outcome]:
+        """Delete regular files of one root, flushing each folder once.
+
+        Every path is checked first, so an unsafe one raises
+        :class:`UnsafePathError` before anything is deleted. A missing file
+        counts as applied. A folder, a symbolic link or any other non-regular
+        file is refused, never removed or followed. Folders emptied by a
+        deletion are kept: sbs only replicates files, and an empty folder may
+        matter to the application (or be receiving a file in another thread).
+        """
+        wanted = [(path, self.target_of(root_id, path)) for path in paths]
+        outcomes: list[Outcome] = []
+        folders: dict[Path, list[int]] = {}
+        for path, target in wanted:
+            outcome, deleted = _delete_file(root_id, path, target)
+            if deleted:
+                folders.setdefault(target.parent, []).append(len(outcomes))
+            outcomes.append(outcome)
+        if self.durable and not _WINDOWS:
+            for folder, indexes in sorted(folders.items()):
+                try:
+                    _fsync_folder(folder)
+                except OSError as exc:
+                    for i in indexes:
+                        outcomes[i] = Outcome(
+                            root_id,
+                            outcomes[i].path,
+                            "retry",
+                            f"deleted, but its folder could not be flushed: {_why(exc)}",
+                        )
+        return outcomes
+
+    def keep_conflict(self, root_id: str, path: str, *, reason: str) -> Path | None:
+        """Copy this node's file to ``conflicts_dir`` before the peer's version replaces it.
+
+        The copy goes to ``<conflicts_dir>/<UTC time>/<root id>/<path>`` with
+        the file's modification time, beside a ``README.txt`` and a
+        ``conflict.json`` that say where it came from and why. Returns the
+        copy, or None if there is no regular file to keep. An :class:`OSError`
+        (the file is locked, the disk is full) propagates: then the file must
+        not be overwritten either.
+        """
+        source = self.target_of(root_id, path)
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                # A folder blocks the rename; a link is replaced, never what it points to.
+                return None
+            fd = os.open(source, _READ_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None  # became a link since the check above
+            raise
+        with open(fd, "rb") as src:
+            now = datetime.now(UTC)
+            folder, created = self._new_conflict_folder(now)
+            inner = Path(_folder_name(root_id), *check_wire_path(path).parts)
+            kept = folder / inner
+            for parent in reversed(inner.parents[:-1]):
+                os.mkdir(folder / parent)
+                created.append(folder / parent)
+            # Private until it has the source's permissions: it may be a secret.
+            with open(os.open(kept, _CREATE_FLAGS, 0o600), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            info = os.fstat(fd)  # after the copy: the times of what was copied
+        if not _WINDOWS:
+            os.chmod(kept, stat.S_IMODE(info.st_mode))
+        # By path, once closed: Windows sets times only on a file nobody else has open.
+        os.utime(kept, ns=(info.st_atime_ns, info.st_mtime_ns))
+        if self.durable:
+            _fsync_path(kept)
+        details = {
+            "format": 1,
+            "root": root_id,
+            "path": path,
+            "kept": inner.as_posix(),
+            "original": str(source),
+            "reason": reason,
+            "kept_at": now.isoformat(),
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+        }
+        readme = (
+            f"sbs kept this node's copy of {path!r} (folder {root_id!r})\n"
+            f"before replacing it with the version of the other node.\n\n"
+            f"Reason:   {reason}\n"
+            f"Kept at:  {now.isoformat()}\n"
+            f"Original: {source}\n"
+            f"Copy:     {inner.as_posix()} (in this folder)\n\n"
+            f"To restore it, copy it back over the original on the primary node.\n"
+        )
+        write_atomically(folder / "conflict.json", (json.dumps(details, indent=1) + "\n").encode())
+        write_atomically(folder / "README.txt", readme.encode("utf-8"))
+        if self.durable and not _WINDOWS:
+            for flushed in sorted({kept.parent, *(c.parent for c in created)}):
+                _fsync_folder(flushed)
+        return kept
+
+    def cleanup_temp_files(self) -> int:
+        """Remove temporary files left under every root by a crash; return how many.
+
+        Files of transfers still in progress through this Applier are kept, so
+        it is safe at any time; best run before the first transfer. Links are
+        never followed, and a file that cannot be removed is skipped.
+        """
+        with self._lock:
+            live = {incoming.temp_path for incoming in self._live if incoming.pending}
+        removed = 0
+        seen: set[str] = set()
+        for root in self.roots.values():
+            real_root = os.path.realpath(root)
+            for folder, _folders, names in os.walk(real_root):
+                if folder in seen:
+                    continue  # one root nested in another is walked once
+                seen.add(folder)
+                for name in names:
+                    if not name.startswith(TEMP_PREFIX):
+                        continue
+                    temp = Path(folder, name)
+                    if temp in live:
+                        continue
+                    try:
+                        if not stat.S_ISREG(os.lstat(temp).st_mode):
+                            continue
+                        temp.unlink()
+                    except OSError:
+                        continue
+                    removed += 1
+        return removed
+
+    def _check_batch(self, batch: Sequence[Incoming]) -> None:
+        # Checked before anything moves, so a misuse never half-applies a batch.
+        seen: set[int] = set()
+        for incoming in batch:
+            if incoming._applier is not self:
+                raise LocalProtocolError(f"{incoming.path}: begun by another Applier")
+            incoming._require("finished")
+            if id(incoming) in seen:
+                raise LocalProtocolError(f"{incoming.path}: twice in one batch")
+            seen.add(id(incoming))
+
+    def _rename(self, incoming: Incoming) -> Outcome:
+        try:
+            # Checked again: the folders may have changed since begin().
+            target = self.target_of(incoming.root_id, incoming.path)
+        except UnsafePathError as exc:
+            return incoming._drop("refused", exc.reason or str(exc))
+        except OSError as exc:
+            return incoming._drop("retry", f"cannot check the path: {_why(exc)}")
+        if target != incoming.target:
+            return incoming._drop("retry", "its folder moved while the file was received")
+        try:
+            os.replace(incoming.temp_path, target)
+        except IsADirectoryError:
+            return incoming._drop("retry", "a folder is in the way")
+        except OSError as exc:
+            if _WINDOWS and target.is_dir():
+                return incoming._drop("retry", "a folder is in the way")
+            return incoming._drop("retry", f"cannot replace the file: {_why(exc)}")
+        return incoming._committed()
+
+    def _new_conflict_folder(self, now: datetime) -> tuple[Path, list[Path]]:
+        created = list(_make_root(Path(os.path.realpath(self.conflicts_dir))))
+        stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
+        for attempt in range(1000):
+            folder = self.conflicts_dir / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue
+            return folder, [*created, folder]
+        raise FileExistsError(errno.EEXIST, "no free conflict folder name", str(folder))
+
+
+def deletion_allowed(
+    *,
+    source_complete: bool,
+    source_count: int,
+    target_count: int,
+    to_delete: int,
+    max_delete_count: int | None,
+    max_delete_share: float | None,
+) -> tuple[bool, str]:
+    """May a strict sync delete ``to_delete`` of the ``target_count`` files of one folder?
+
+    Returns ``(True, "")`` or ``(False, reason)``. Refused, whatever the
+    limits: a source scan that was incomplete (folder missing, unreadable, an
+    I/O error), and a source that became empty while the target is not (an
+    unmounted share looks exactly like that). Then ``to_delete`` may not exceed
+    ``max_delete_count``, nor ``max_delete_share`` of ``target_count`` (the
+    idea of rsync's ``--max-delete`` and Unison's ``confirmbigdeletes``); None
+    turns a limit off. Recommended: :data:`DEFAULT_MAX_DELETE_COUNT` (None)
+    and :data:`DEFAULT_MAX_DELETE_SHARE` (0.5).
+    """
+    if min(source_count, target_count, to_delete) < 0:
+        raise ValueError("file counts cannot be negative")
+    if to_delete > target_count:
+        raise ValueError(f"cannot delete {to_delete} of {target_count} files")
+    if max_delete_count is not None and max_delete_count < 0:
+        raise ValueError(f"max_delete_count must be >= 0 or None, not {max_delete_count}")
+    if max_delete_share is not None and not (
+        math.isfinite(max_delete_share) and max_delete_share >= 0
+    ):
+        raise ValueError(f"max_delete_share must be >= 0 or None, not {max_delete_share}")
+    if not source_complete:
+        return False, (
+            "the source folder could not be read completely (missing, unreadable "
+            "or an I/O error); nothing is deleted until a complete scan"
+        )
+    if source_count == 0 and target_count > 0:
+        return False, (
+            f"the source folder is empty but the standby holds {target_count} files; "
+            "an unmounted or wiped source must not empty the standby"
+        )
+    if to_delete == 0:
+        return True, ""
+    if max_delete_count is not None and to_delete > max_delete_count:
+        return False, (
+            f"{to_delete} deletions exceed the limit of {max_delete_count} files per cycle"
+        )
+    if max_delete_share is not None and to_delete > max_delete_share * target_count:
+        return False, (
+            f"{to_delete} deletions of {target_count} files exceed the limit of "
+            f"{max_delete_share:.0%} per cycle"
+        )
+    return True, ""
+
+
+def _flush_files(paths: Sequence[Path]) -> list[str | None]:
+    """Make the data of ``paths`` (all on one filesystem) durable; a failure reason each."""
+    syncfs = _SYNCFS
+    if syncfs is not None:
+        try:
+            fd = os.open(paths[0].parent, os.O_RDONLY)
+        except OSError as exc:
+            return [_why(exc)] * len(paths)
+        try:
+            # A fresh fd still reports writeback errors nobody has seen yet,
+            # but not which file had them: the whole group must come again.
+            if syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                return [f"syncfs failed: {os.strerror(code)}"] * len(paths)
+        finally:
+            os.close(fd)
+        return [None] * len(paths)
+    with ThreadPoolExecutor(max_workers=min(_FSYNC_THREADS, len(paths))) as pool:
+        return list(pool.map(_fsync_file, paths))
+
+
+def _fsync_file(path: Path) -> str | None:
+    try:
+        _fsync_path(path)
+    except OSError as exc:
+        return _why(exc)
+    return None
+
+
+def _fsync_path(path: Path) -> None:
+    # Windows flushes only through a handle that may write.
+    fd = os.open(path, os.O_RDWR | _NO_FOLLOW | _BINARY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_root(root: Path) -> tuple[Path, ...]:
+    """Create ``root`` and its missing parents (links allowed: the user chose the path)."""
+    missing: list[Path] = []
+    folder = root
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue
+        created.append(folder)
+    return tuple(created)
+
+
+def _make_folders_inside(root: Path, folder: Path, path: str) -> tuple[Path, ...]:
+    """Create ``folder`` below ``root`` one level at a time, never through a link."""
+    created = []
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        try:
+            os.mkdir(current)
+        except FileExistsError:
+            info = os.lstat(current)
+            if _is_link(info):
+                raise UnsafePathError.broken_rule(
+                    path, f"folder {part!r} is a symbolic link"
+                ) from None
+            if not stat.S_ISDIR(info.st_mode):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "a file is in the way of a folder", str(current)
+                ) from None
+            continue
+        created.append(current)
+    return tuple(created)
+
+
+def _temp_name(name: str) -> str:
+    prefix = f"{TEMP_PREFIX}{secrets.token_hex(6)}-"
+    room = MAX_COMPONENT_BYTES - len(prefix.encode("ascii"))
+    # Cut on a character boundary so that a long UTF-8 name still fits one component.
+    return prefix + name.encode("utf-8")[:room].decode("utf-8", "ignore")
+
+
+def _copy_mode(fd: int, target: Path) -> None:
+    """Give the new file the permissions of the one it replaces (0600 settings stay 0600)."""
+    if sys.platform == "win32":
+        return  # only a read-only flag there, and it would block the rename
+    try:
+        info = os.lstat(target)
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode):
+        os.fchmod(fd, stat.S_IMODE(info.st_mode))
+
+
+def _delete_file(root_id: str, path: str, target: Path) -> tuple[Outcome, bool]:
+    """The outcome of deleting ``target``, and whether this call removed a file."""
+    try:
+        info = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        return Outcome(root_id, path, "applied", "already absent"), False
+    except OSError as exc:
+        return Outcome(root_id, path, "retry", f"cannot read the file: {_why(exc)}"), False
+    if _is_link(info):
+        reason = "a symbolic link, which sync never deletes"
+        return Outcome(root_id, path, "refused", reason), False
+    if stat.S_ISDIR(info.st_mode):
+        return Outcome(root_id, path, "refused", "a folder, which sync never deletes"), False
+    if not stat.S_ISREG(info.st_mode):
+        return Outcome(root_id, path, "refused", "not a regular file"), False
+    try:
+        os.unlink(target)
+    except FileNotFoundError:
+        return Outcome(root_id, path, "applied", "already absent"), False
+    except OSError as exc:
+        return Outcome(root_id, path, "retry", f"cannot delete the file: {_why(exc)}"), False
+    return Outcome(root_id, path, "applied"), True
+
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _folder_name(root_id: str) -> str:
+    """A folder name for a root id such as ``folder:labels|*.lab`` that any OS accepts."""
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", root_id)[:80].strip("._ ")
+    if cleaned == root_id:
+        try:
+            check_wire_path(cleaned, windows=True)
+        except UnsafePathError:
+            pass
+        else:
+            return cleaned
+    # Two ids that clean up alike must still land in two folders.
+    tag = hashlib.blake2b(root_id.encode("utf-8"), digest_size=4).hexdigest()
+    return f"{cleaned or 'root'}-{tag}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__

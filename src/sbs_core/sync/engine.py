@@ -1,0 +1,1063 @@
+"""Replication sessions: the sender on the node with files to push, the receiver on its peer.
+
+A session runs on one authenticated connection. The sender opens it with
+``SyncStart`` (the roots); the receiver answers with its ``Inventory`` (what it
+holds, with content digests from its hash index), so a first cycle after a
+(re)connection sends only what differs. Each cycle then sends ``Put`` headers
+followed by the files' bytes in data frames and a ``Seal`` with their digests,
+``Delete`` lists in strict mode, and ``CycleEnd``; the receiver makes the cycle
+durable and answers ``CycleAck``. The receiver grants ``Credit`` as it writes, so
+it never has to stop reading its socket (heartbeats share it) and neither side
+holds more than one window of data in memory.
+
+All file I/O and hashing run in worker threads; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from sbs_core.config import Config
+from sbs_core.errors import RemoteProtocolError, SbsError
+from sbs_core.machine import ConnId
+from sbs_core.messages import (
+    Credit,
+    CycleAck,
+    CycleEnd,
+    Delete,
+    Inventory,
+    Message,
+    Put,
+    PutFile,
+    RootSpec,
+    Seal,
+    SyncMessage,
+    SyncStart,
+)
+from sbs_core.sync.apply import Applier, Incoming, IntegrityError, Outcome, deletion_allowed
+from sbs_core.sync.index import HashIndex
+from sbs_core.sync.paths import UnsafePathError
+from sbs_core.sync.roots import (
+    LocalRoot,
+    load_peer_roots,
+    receiver_roots,
+    save_peer_roots,
+    sender_roots,
+)
+from sbs_core.sync.scan import FileStat, ScanResult, new_hasher, scan_root
+
+__all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
+
+logger = logging.getLogger("sbs.sync")
+
+CHUNK = 1 << 20  # data frame size
+SMALL = 256 * 1024  # files up to this size are read whole and batched
+BATCH_BYTES = 1 << 20
+BATCH_FILES = 512
+WINDOW = 16 << 20  # bytes in flight between sender and receiver
+INVENTORY_CHUNK = 2000
+COMMIT_FILES = 2000
+COMMIT_BYTES = 64 << 20
+WATCH_STEP_MS = 50  # quiet time that ends a burst of file events
+
+
+class LinkClosed(SbsError, ConnectionError):
+    """The connection a session ran on is gone."""
+
+
+class Link(Protocol):
+    """How the engine talks to its peer: one ordered lane per connection."""
+
+    async def send(self, conn: ConnId, message: Message) -> None: ...
+
+    async def send_data(self, conn: ConnId, payload: bytes) -> None: ...
+
+
+Alert = Callable[[str, str, Literal["info", "warning", "error"]], None]
+
+
+@dataclass(slots=True)
+class SyncStatus:
+    last_sync_at: float | None = None
+    files_pending: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_sync_error: str | None = None
+    files_sent: int = 0
+    files_received: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The replication keys of ``sbs status --json`` (a stopped node shows the defaults)."""
+        return {
+            "last_sync_at": self.last_sync_at,
+            "files_pending": self.files_pending,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "last_sync_error": self.last_sync_error,
+            "files_sent": self.files_sent,
+            "files_received": self.files_received,
+            "conflicts": list(self.conflicts[-20:]),
+        }
+
+
+@dataclass(slots=True)
+class _Local:
+    size: int
+    mtime_ns: int
+    ino: int
+    digest: str
+
+
+# ---------------------------------------------------------------------------- sender
+
+
+@dataclass(slots=True)
+class _Trigger:
+    full: bool = False
+    paths: dict[str, set[str]] = field(default_factory=dict)  # root id -> changed paths
+    final: anyio.Event | None = None
+
+
+class _SenderSession:
+    def __init__(self, engine: SyncEngine, conn: ConnId, session: int) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.id = session
+        tx, rx = anyio.create_memory_object_stream[SyncMessage](math.inf)
+        self.inbox_tx: MemoryObjectSendStream[SyncMessage] = tx
+        self.inbox_rx: MemoryObjectReceiveStream[SyncMessage] = rx
+        self.credit = WINDOW
+        self.credit_event = anyio.Event()
+        self.known: dict[str, dict[str, tuple[int, str]]] = {}
+        self.scope = anyio.CancelScope()
+        self.finished = anyio.Event()
+
+    def deliver(self, message: SyncMessage) -> None:
+        if isinstance(message, Credit):
+            self.credit += message.bytes
+            self.credit_event.set()
+            self.credit_event = anyio.Event()
+        else:
+            self.inbox_tx.send_nowait(message)
+
+    async def take(self, kind: type[Any]) -> Any:
+        message = await self.inbox_rx.receive()
+        if not isinstance(message, kind):
+            raise RemoteProtocolError(f"sync: expected {kind.__name__}, got {message.type}")
+        return message
+
+    async def spend(self, size: int) -> None:
+        while self.credit < size and self.credit < WINDOW:
+            await self.credit_event.wait()
+        self.credit -= size
+
+
+# ---------------------------------------------------------------------------- receiver
+
+
+class _ReceiverSession:
+    def __init__(self, engine: SyncEngine, conn: ConnId, start: SyncStart) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.id = start.session
+        self.start = start
+        tx, rx = anyio.create_memory_object_stream[SyncMessage | bytes](math.inf)
+        self.queue_tx: MemoryObjectSendStream[SyncMessage | bytes] = tx
+        self.queue_rx: MemoryObjectReceiveStream[SyncMessage | bytes] = rx
+        self.queued_bytes = 0
+        self.scope = anyio.CancelScope()
+
+
+class SyncEngine:
+    """Both sides of replication for one node; the driver feeds it and asks it to push."""
+
+    def __init__(self, config: Config, *, link: Link, alert: Alert) -> None:
+        self.config = config
+        self._link = link
+        self._alert = alert
+        self._state_dir = config.node.state_dir
+        self._index: HashIndex | None = None
+        self._local: dict[tuple[str, str], _Local] = {}
+        self._tg: TaskGroup | None = None
+        self._sender: _SenderSession | None = None
+        self._receiver: _ReceiverSession | None = None
+        self._next_session = 1
+        self._trigger = _Trigger(full=True)
+        self._wake = anyio.Event()
+        self.status = SyncStatus()
+        self._peer_roots = load_peer_roots(self._state_dir)
+
+    # ------------------------------------------------------------------ life
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._index = await anyio.to_thread.run_sync(HashIndex, self._state_dir / "hashes.db")
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._watch)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            index, self._index = self._index, None
+            if index is not None:
+                index.close()
+
+    def roots(self) -> list[LocalRoot]:
+        return sender_roots(self.config, self._peer_roots)
+
+    # ------------------------------------------------------------------ driver hooks
+
+    def attach(self, conn: ConnId) -> None:
+        """This node is primary and ``conn`` leads to its secondary: replicate to it."""
+        if self._sender is not None and self._sender.conn == conn:
+            return
+        self.detach()
+        if self._tg is None or not self.roots():
+            return
+        session = _SenderSession(self, conn, self._take_session_id())
+        self._sender = session
+        self._tg.start_soon(self._run_sender, session)
+
+    def detach(self) -> None:
+        session, self._sender = self._sender, None
+        if session is not None:
+            session.scope.cancel()
+
+    async def final_cycle(self, conn: ConnId) -> None:
+        """Push every change to ``conn`` and return once the peer made it durable."""
+        if self._tg is None or not self.roots():
+            return
+        session = self._sender
+        if session is None or session.conn != conn:
+            self.detach()
+            session = _SenderSession(self, conn, self._take_session_id())
+            self._sender = session
+            self._tg.start_soon(self._run_sender, session)
+        done = anyio.Event()
+        self._trigger.full = True
+        self._trigger.final = done
+        self._wake.set()
+        async with anyio.create_task_group() as tg:
+
+            async def watch_session() -> None:
+                await session.finished.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_session)
+            await done.wait()
+            tg.cancel_scope.cancel()
+        if not done.is_set():
+            raise LinkClosed(self.status.last_sync_error or "the sync session ended")
+
+    def on_message(self, conn: ConnId, message: SyncMessage) -> None:
+        if isinstance(message, SyncStart):
+            self._start_receiver(conn, message)
+            return
+        sender = self._sender
+        if isinstance(message, Inventory | CycleAck | Credit):
+            if sender is not None and sender.conn == conn and message.session == sender.id:
+                sender.deliver(message)
+            return
+        receiver = self._receiver
+        if receiver is not None and receiver.conn == conn and message.session == receiver.id:
+            receiver.queue_tx.send_nowait(message)
+
+    def on_data(self, conn: ConnId, payload: bytes) -> None:
+        receiver = self._receiver
+        if receiver is None or receiver.conn != conn:
+            return
+        receiver.queued_bytes += len(payload)
+        if receiver.queued_bytes > 2 * WINDOW + CHUNK:
+            raise RemoteProtocolError("sync: the peer sent more data than it was granted")
+        receiver.queue_tx.send_nowait(payload)
+
+    def on_closed(self, conn: ConnId) -> None:
+        if self._sender is not None and self._sender.conn == conn:
+            self.detach()
+        receiver = self._receiver
+        if receiver is not None and receiver.conn == conn:
+            self._receiver = None
+            receiver.scope.cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.status.as_dict()
+
+    def _take_session_id(self) -> int:
+        session = self._next_session
+        self._next_session += 1
+        return session
+
+    @property
+    def index(self) -> HashIndex:
+        assert self._index is not None, "the sync engine is not running"
+        return self._index
+
+    # ------------------------------------------------------------------ watching
+
+    async def _watch(self) -> None:
+        try:
+            from watchfiles import awatch  # noqa: PLC0415 - optional at import time for tools
+        except ImportError:  # pragma: no cover - a dependency
+            return
+        while True:
+            roots = [r for r in self.roots() if r.path.is_dir()]
+            if not roots:
+                await anyio.sleep(self.config.node.period)
+                continue
+            stop = anyio.Event()
+            try:
+                async for changes in awatch(
+                    *(r.path for r in roots),
+                    step=WATCH_STEP_MS,
+                    stop_event=stop,
+                    recursive=True,
+                    ignore_permission_denied=True,
+                    watch_filter=None,
+                ):
+                    self._note_changes(roots, [path for _, path in changes])
+            except (OSError, RuntimeError) as exc:
+                logger.warning("file watching failed (%s); full scans only until it recovers", exc)
+                await anyio.sleep(self.config.node.period)
+
+    def _note_changes(self, roots: Sequence[LocalRoot], paths: Sequence[str]) -> None:
+        for raw in paths:
+            changed = Path(raw)
+            for root in roots:
+                try:
+                    rel = changed.relative_to(root.path)
+                except ValueError:
+                    continue
+                if rel.parts and not rel.name.startswith(".sbs-tmp-"):
+                    self._trigger.paths.setdefault(root.spec.id, set()).add(rel.as_posix())
+                break
+        if self._trigger.paths:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ sender
+
+    async def _run_sender(self, session: _SenderSession) -> None:
+        try:
+            with session.scope:
+                await self._sender_loop(session)
+        except (LinkClosed, RemoteProtocolError, OSError) as exc:
+            self.status.last_sync_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("sync session %d ended: %s", session.id, exc)
+        finally:
+            session.finished.set()
+            if self._sender is session:
+                self._sender = None
+
+    async def _sender_loop(self, session: _SenderSession) -> None:
+        roots = self.roots()
+        await self._link.send(
+            session.conn,
+            SyncStart(
+                session=session.id,
+                roots=tuple(r.spec for r in roots),
+                preserve_timestamps=self.config.node.preserve_timestamps,
+                window=WINDOW,
+            ),
+        )
+        while True:
+            inventory: Inventory = await session.take(Inventory)
+            known = session.known.setdefault(inventory.root, {})
+            for path, size, _mtime, digest in inventory.entries:
+                known[path] = (size, digest)
+            if inventory.last:
+                break
+        self._trigger.full = True
+        cycle = 0
+        next_full = anyio.current_time()
+        while True:
+            trigger = self._trigger
+            if not (trigger.full or trigger.paths or trigger.final):
+                with anyio.move_on_after(max(0.0, next_full - anyio.current_time())):
+                    await self._wake.wait()
+                if anyio.current_time() >= next_full:
+                    self._trigger.full = True
+                continue
+            self._trigger = _Trigger()
+            self._wake = anyio.Event()
+            cycle += 1
+            if trigger.full:
+                next_full = anyio.current_time() + self.config.node.period
+                if not trigger.final:
+                    await self._run_update_scripts()
+            ok = await self._cycle(session, cycle, roots, trigger)
+            if trigger.final is not None:
+                trigger.final.set()
+            if not ok:
+                # Retry what failed soon, not only at the next full scan.
+                self._trigger.full = True
+                await anyio.sleep(1.0)
+
+    async def _run_update_scripts(self) -> None:
+        for command in self.config.app.update_scripts:
+            timeout = self.config.app.update_script_timeout
+            try:
+                result = await anyio.to_thread.run_sync(_run_script, command, timeout)
+            except (OSError, subprocess.SubprocessError) as exc:
+                result = str(exc)
+            if result:
+                self.status.last_sync_error = f"update script {command[0]}: {result}"
+                self._alert(
+                    "replication_failed", f"update script {list(command)} {result}", "error"
+                )
+
+    async def _cycle(
+        self, session: _SenderSession, cycle: int, roots: list[LocalRoot], trigger: _Trigger
+    ) -> bool:
+        began = time.monotonic()
+        plan: list[tuple[LocalRoot, list[tuple[str, FileStat, str | None]], list[str]]] = []
+        pending = 0
+        for root in roots:
+            if trigger.full:
+                scan = await anyio.to_thread.run_sync(scan_root, root.path, root.spec.filter)
+                candidates, deletes = self._diff_full(session, root, scan)
+            else:
+                names = trigger.paths.get(root.spec.id, set())
+                if not names:
+                    continue
+                candidates, deletes = await anyio.to_thread.run_sync(
+                    self._diff_paths, session, root, sorted(names)
+                )
+            plan.append((root, candidates, deletes))
+            pending += len(candidates)
+        self.status.files_pending = pending
+        sent_files: dict[str, dict[str, tuple[int, str]]] = {}
+        sent_count = sent_bytes = 0
+        for root, candidates, deletes in plan:
+            done = await self._send_root(session, root, candidates)
+            sent_files[root.spec.id] = done
+            sent_count += len(done)
+            sent_bytes += sum(size for size, _ in done.values())
+            if deletes:
+                for start in range(0, len(deletes), INVENTORY_CHUNK):
+                    chunk = tuple(deletes[start : start + INVENTORY_CHUNK])
+                    await self._link.send(
+                        session.conn, Delete(session=session.id, root=root.spec.id, paths=chunk)
+                    )
+        await self._link.send(session.conn, CycleEnd(session=session.id, cycle=cycle))
+        ack: CycleAck = await session.take(CycleAck)
+        failed = {(r, p) for r, p, _ in (*ack.retry, *ack.refused)}
+        for root, _candidates, deletes in plan:
+            known = session.known.setdefault(root.spec.id, {})
+            for path, value in sent_files.get(root.spec.id, {}).items():
+                if (root.spec.id, path) not in failed:
+                    known[path] = value
+            for path in deletes:
+                if (root.spec.id, path) not in failed:
+                    known.pop(path, None)
+        self.status.files_pending = len(failed)
+        self.status.files_sent += sent_count
+        if ack.error or ack.refused:
+            detail = ack.error or "; ".join(f"{p}: {why}" for _, p, why in ack.refused[:5])
+            self.status.last_sync_error = detail
+            self._alert("replication_failed", f"replication cycle {cycle}: {detail}", "error")
+        else:
+            self.status.last_sync_error = None
+            self.status.last_sync_at = time.time()
+        if sent_count or deletes_count(plan):
+            logger.info(
+                "cycle %d: sent %d files (%.1f MB), %d deletes, %d to retry, in %.2f s",
+                cycle,
+                sent_count,
+                sent_bytes / 1e6,
+                deletes_count(plan),
+                len(ack.retry),
+                time.monotonic() - began,
+            )
+        return not (ack.retry or ack.refused or ack.error)
+
+    def _diff_full(
+        self, session: _SenderSession, root: LocalRoot, scan: ScanResult
+    ) -> tuple[list[tuple[str, FileStat, str | None]], list[str]]:
+        known = session.known.get(root.spec.id, {})
+        candidates = []
+        for path, st in scan.files.items():
+            digest = self._cached_digest(root.spec.id, st)
+            have = known.get(path)
+            if have is not None and digest is not None and have == (st.size, digest):
+                continue
+            candidates.append((path, st, digest))
+        deletes: list[str] = []
+        if self.config.node.strict_sync:
+            gone = [p for p in known if p not in scan.files]
+            if gone:
+                allowed, why = deletion_allowed(
+                    source_complete=scan.complete,
+                    source_count=len(scan.files),
+                    target_count=len(known),
+                    to_delete=len(gone),
+                    max_delete_count=None,
+                    max_delete_share=0.5,
+                )
+                if allowed:
+                    deletes = gone
+                else:
+                    self._refuse_deletes(root, len(gone), why)
+        for error in scan.errors[:3]:
+            logger.warning("scan of %s: %s", root.path, error)
+        return candidates, deletes
+
+    def _diff_paths(
+        self, session: _SenderSession, root: LocalRoot, names: list[str]
+    ) -> tuple[list[tuple[str, FileStat, str | None]], list[str]]:
+        from sbs_core.sync.scan import matches  # noqa: PLC0415 - keeps the top import list short
+
+        known = session.known.get(root.spec.id, {})
+        candidates = []
+        gone = []
+        for name in names:
+            if not matches(root.spec.filter, name.rsplit("/", 1)[-1]):
+                continue
+            full = root.path / name
+            try:
+                st = full.lstat()
+            except FileNotFoundError:
+                if name in known:
+                    gone.append(name)
+                continue
+            except OSError:
+                continue
+            if not _is_regular(st.st_mode):
+                continue
+            stat = FileStat(path=name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
+            candidates.append((name, stat, self._cached_digest(root.spec.id, stat)))
+        deletes: list[str] = []
+        if gone and self.config.node.strict_sync:
+            allowed, why = deletion_allowed(
+                source_complete=root.path.is_dir(),
+                source_count=max(0, len(known) - len(gone)),
+                target_count=len(known),
+                to_delete=len(gone),
+                max_delete_count=None,
+                max_delete_share=0.5,
+            )
+            if allowed:
+                deletes = gone
+            else:
+                self._refuse_deletes(root, len(gone), why)
+        return candidates, deletes
+
+    def _refuse_deletes(self, root: LocalRoot, count: int, why: str) -> None:
+        message = f"strict sync of {root.path}: {count} deletions held back: {why}"
+        self.status.last_sync_error = message
+        self._alert("replication_failed", message, "warning")
+
+    def _cached_digest(self, root_id: str, st: FileStat) -> str | None:
+        cached = self._local.get((root_id, st.path))
+        if cached is not None and (cached.size, cached.mtime_ns, cached.ino) == (
+            st.size,
+            st.mtime_ns,
+            st.ino,
+        ):
+            return cached.digest
+        digest = self.index.get(root_id, st.path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino)
+        if digest is not None:
+            self._local[(root_id, st.path)] = _Local(st.size, st.mtime_ns, st.ino, digest)
+        return digest
+
+    async def _send_root(
+        self,
+        session: _SenderSession,
+        root: LocalRoot,
+        candidates: list[tuple[str, FileStat, str | None]],
+    ) -> dict[str, tuple[int, str]]:
+        """Send what the receiver lacks; return path -> (size, digest) of what was sent."""
+        sent: dict[str, tuple[int, str]] = {}
+        known = session.known.get(root.spec.id, {})
+        small = [c for c in candidates if c[1].size <= SMALL]
+        large = [c for c in candidates if c[1].size > SMALL]
+        batches = _batches(small)
+        tx, rx = anyio.create_memory_object_stream[list[_Read]](4)
+
+        async def reader() -> None:
+            async with tx:
+                for batch in batches:
+                    reads = await anyio.to_thread.run_sync(_read_batch, root.path, batch)
+                    await tx.send(reads)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            async with rx:
+                async for reads in rx:
+                    fresh = [
+                        r
+                        for r in reads
+                        if r.data is not None and known.get(r.path) != (r.size, r.digest)
+                    ]
+                    self._remember(root.spec.id, reads)
+                    if not fresh:
+                        continue
+                    await self._put(session, root, fresh)
+                    for r in fresh:
+                        sent[r.path] = (r.size, r.digest)
+        for path, st, digest in large:
+            if digest is not None and known.get(path) == (st.size, digest):
+                continue
+            result = await self._stream_large(session, root, path, st)
+            if result is not None:
+                sent[path] = result
+        return sent
+
+    def _remember(self, root_id: str, reads: list[_Read]) -> None:
+        rows = []
+        for r in reads:
+            if r.data is not None:
+                self._local[(root_id, r.path)] = _Local(r.size, r.mtime_ns, r.ino, r.digest)
+                rows.append((root_id, r.path, r.size, r.mtime_ns, r.ino, r.digest))
+        if rows:
+            self.index.put_many(rows)
+
+    async def _put(self, session: _SenderSession, root: LocalRoot, reads: list[_Read]) -> None:
+        files = tuple(
+            PutFile(root=root.spec.id, path=r.path, size=r.size, mtime_ns=r.mtime_ns) for r in reads
+        )
+        await self._link.send(session.conn, Put(session=session.id, files=files))
+        payload = b"".join(r.data or b"" for r in reads)
+        for start in range(0, len(payload), CHUNK):
+            chunk = payload[start : start + CHUNK]
+            await session.spend(len(chunk))
+            await self._link.send_data(session.conn, chunk)
+            self.status.bytes_sent += len(chunk)
+        await self._link.send(
+            session.conn, Seal(session=session.id, digests=tuple(r.digest for r in reads))
+        )
+
+    async def _stream_large(
+        self, session: _SenderSession, root: LocalRoot, path: str, st: FileStat
+    ) -> tuple[int, str] | None:
+        full = root.path / path
+        try:
+            f = await anyio.to_thread.run_sync(open, full, "rb")
+        except OSError as exc:
+            logger.warning("cannot read %s: %s", full, exc)
+            return None
+        try:
+            before = os.fstat(f.fileno())
+            size = before.st_size
+            await self._link.send(
+                session.conn,
+                Put(
+                    session=session.id,
+                    files=(
+                        PutFile(
+                            root=root.spec.id, path=path, size=size, mtime_ns=before.st_mtime_ns
+                        ),
+                    ),
+                ),
+            )
+            hasher = new_hasher()
+            remaining = size
+            torn = False
+            while remaining > 0:
+                chunk = await anyio.to_thread.run_sync(f.read, min(CHUNK, remaining))
+                if not chunk:
+                    torn = True
+                    chunk = bytes(remaining)  # keep the frame count: the seal discards it
+                hasher.update(chunk)
+                await session.spend(len(chunk))
+                await self._link.send_data(session.conn, chunk)
+                self.status.bytes_sent += len(chunk)
+                remaining -= len(chunk)
+            after = os.fstat(f.fileno())
+            torn = torn or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns)
+            digest = "" if torn else hasher.hexdigest()
+            await self._link.send(session.conn, Seal(session=session.id, digests=(digest,)))
+        finally:
+            await anyio.to_thread.run_sync(f.close)
+        if torn:
+            logger.info("%s changed while it was read: it goes again next cycle", full)
+            self._trigger.paths.setdefault(root.spec.id, set()).add(path)
+            return None
+        self._local[(root.spec.id, path)] = _Local(size, before.st_mtime_ns, before.st_ino, digest)
+        self.index.put(
+            root.spec.id,
+            path,
+            size=size,
+            mtime_ns=before.st_mtime_ns,
+            ino=before.st_ino,
+            digest=digest,
+        )
+        return (size, digest)
+
+    # ------------------------------------------------------------------ receiver
+
+    def _start_receiver(self, conn: ConnId, start: SyncStart) -> None:
+        old, self._receiver = self._receiver, None
+        if old is not None:
+            old.scope.cancel()
+        if self._tg is None:
+            return
+        session = _ReceiverSession(self, conn, start)
+        self._receiver = session
+        self._tg.start_soon(self._run_receiver, session)
+
+    async def _run_receiver(self, session: _ReceiverSession) -> None:
+        try:
+            with session.scope:
+                await self._receiver_loop(session)
+        except (LinkClosed, OSError) as exc:
+            logger.warning("receiving sync session %d ended: %s", session.id, exc)
+        except (RemoteProtocolError, UnsafePathError) as exc:
+            self.status.last_sync_error = str(exc)
+            self._alert("replication_failed", f"refused the peer's sync session: {exc}", "error")
+        finally:
+            if self._receiver is session:
+                self._receiver = None
+
+    async def _receiver_loop(self, session: _ReceiverSession) -> None:
+        start = session.start
+        roots = receiver_roots(self.config, start.roots)
+        if start.roots != self._peer_roots:
+            self._peer_roots = start.roots
+            await anyio.to_thread.run_sync(save_peer_roots, self._state_dir, start.roots)
+            self._log_folder_difference(start.roots)
+        applier = Applier(
+            {r.spec.id: r.path for r in roots},
+            conflicts_dir=self._state_dir / "conflicts",
+            preserve_timestamps=start.preserve_timestamps,
+        )
+        await anyio.to_thread.run_sync(applier.cleanup_temp_files)
+        await self._send_inventory(session, roots)
+        receiver = _Receiving(self, session, applier)
+        async with session.queue_rx:
+            async for item in session.queue_rx:
+                await receiver.handle(item)
+
+    def _log_folder_difference(self, specs: tuple[RootSpec, ...]) -> None:
+        own = {r.spec.id for r in sender_roots(self.config)}
+        theirs = {s.id for s in specs}
+        if own and own != theirs:
+            logger.warning(
+                "this node's own folders differ from the primary's; while secondary it "
+                "replicates the primary's: %s",
+                ", ".join(sorted(theirs)),
+            )
+
+    async def _send_inventory(self, session: _ReceiverSession, roots: list[LocalRoot]) -> None:
+        if not roots:
+            await self._link.send(
+                session.conn, Inventory(session=session.id, root="", entries=(), last=True)
+            )
+            return
+        for n, root in enumerate(roots):
+            entries = await anyio.to_thread.run_sync(self._inventory_of, root)
+            last_root = n == len(roots) - 1
+            chunks = [
+                entries[i : i + INVENTORY_CHUNK] for i in range(0, len(entries), INVENTORY_CHUNK)
+            ]
+            chunks = chunks or [[]]
+            for i, chunk in enumerate(chunks):
+                await self._link.send(
+                    session.conn,
+                    Inventory(
+                        session=session.id,
+                        root=root.spec.id,
+                        entries=tuple(chunk),
+                        last=last_root and i == len(chunks) - 1,
+                    ),
+                )
+
+    def _inventory_of(self, root: LocalRoot) -> list[tuple[str, int, int, str]]:
+        scan = scan_root(root.path, root.spec.filter)
+        entries = []
+        rows = []
+        from sbs_core.sync.scan import hash_file  # noqa: PLC0415
+
+        for path, st in scan.files.items():
+            digest = self.index.get(
+                root.spec.id, path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
+            )
+            if digest is None:
+                found = hash_file(root.path / path)
+                if found is None:
+                    continue  # changing right now: the sender sends it anyway
+                digest = found.digest
+                rows.append((root.spec.id, path, st.size, st.mtime_ns, st.ino, digest))
+            entries.append((path, st.size, st.mtime_ns, digest))
+        if rows:
+            self.index.put_many(rows)
+        return entries
+
+
+@dataclass(slots=True)
+class _Read:
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    digest: str
+    data: bytes | None  # None: vanished or changed while read
+
+
+def _batches(
+    files: list[tuple[str, FileStat, str | None]],
+) -> list[list[tuple[str, FileStat, str | None]]]:
+    batches: list[list[tuple[str, FileStat, str | None]]] = []
+    current: list[tuple[str, FileStat, str | None]] = []
+    size = 0
+    for item in files:
+        if current and (size + item[1].size > BATCH_BYTES or len(current) >= BATCH_FILES):
+            batches.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item[1].size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> list[_Read]:
+    reads = []
+    for path, _st, _digest in batch:
+        try:
+            with open(root / path, "rb") as f:
+                before = os.fstat(f.fileno())
+                data = f.read()
+                after = os.fstat(f.fileno())
+        except OSError:
+            continue
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
+            data
+        ) != before.st_size:
+            continue  # being written: the next cycle sends it whole
+        hasher = new_hasher()
+        hasher.update(data)
+        reads.append(
+            _Read(
+                path=path,
+                size=len(data),
+                mtime_ns=before.st_mtime_ns,
+                ino=before.st_ino,
+                digest=hasher.hexdigest(),
+                data=data,
+            )
+        )
+    return reads
+
+
+def _run_script(command: tuple[str, ...], timeout: float) -> str:
+    """Run one update script; an empty string when it succeeded, else what went wrong."""
+    try:
+        done = subprocess.run(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"exited with {done.returncode}: {tail[0][:200]}"
+    return ""
+
+
+def _is_regular(mode: int) -> bool:
+    import stat  # noqa: PLC0415
+
+    return stat.S_ISREG(mode)
+
+
+def deletes_count(
+    plan: list[tuple[LocalRoot, list[tuple[str, FileStat, str | None]], list[str]]],
+) -> int:
+    return sum(len(d) for _, _, d in plan)
+
+
+class _Receiving:
+    """Applies one session's Put/data/Seal/Delete/CycleEnd stream, in order."""
+
+    def __init__(self, engine: SyncEngine, session: _ReceiverSession, applier: Applier) -> None:
+        self.engine = engine
+        self.session = session
+        self.applier = applier
+        self.files: list[PutFile] = []
+        self.incoming: list[Incoming | None] = []
+        self.current = 0  # index in files of the file being filled
+        self.filled = 0  # bytes written into files[current]
+        self.ready: list[tuple[PutFile, Incoming]] = []
+        self.ready_bytes = 0
+        self.applied = 0
+        self.retry: list[tuple[str, str, str]] = []
+        self.refused: list[tuple[str, str, str]] = []
+        self.credit_owed = 0
+
+    async def handle(self, item: SyncMessage | bytes) -> None:
+        if isinstance(item, bytes):
+            self.session.queued_bytes -= len(item)
+            await anyio.to_thread.run_sync(self._write, item)
+            self.engine.status.bytes_received += len(item)
+            self.credit_owed += len(item)
+            if self.credit_owed >= WINDOW // 4:
+                await self._grant()
+            return
+        match item:
+            case Put(files=files):
+                if self.current < len(self.files):
+                    raise RemoteProtocolError("sync: a Put before the last one was sealed")
+                self.files = list(files)
+                self.incoming = []
+                self.current = self.filled = 0
+                await anyio.to_thread.run_sync(self._open_all)
+            case Seal(digests=digests):
+                await anyio.to_thread.run_sync(self._seal, digests)
+                if len(self.ready) >= COMMIT_FILES or self.ready_bytes >= COMMIT_BYTES:
+                    await anyio.to_thread.run_sync(self._commit)
+            case Delete(root=root, paths=paths):
+                outcomes = await anyio.to_thread.run_sync(self._delete, root, paths)
+                self._count(outcomes)
+            case CycleEnd(cycle=cycle):
+                await anyio.to_thread.run_sync(self._commit)
+                await self._grant()
+                ack = CycleAck(
+                    session=self.session.id,
+                    cycle=cycle,
+                    applied=self.applied,
+                    retry=tuple(self.retry),
+                    refused=tuple(self.refused),
+                )
+                self.applied = 0
+                self.retry, self.refused = [], []
+                await self.engine._link.send(self.session.conn, ack)
+                self.engine.status.last_sync_at = time.time()
+            case _:
+                raise RemoteProtocolError(f"sync: unexpected {item.type} in a session")
+
+    async def _grant(self) -> None:
+        if self.credit_owed:
+            owed, self.credit_owed = self.credit_owed, 0
+            await self.engine._link.send(
+                self.session.conn, Credit(session=self.session.id, bytes=owed)
+            )
+
+    def _open_all(self) -> None:
+        for f in self.files:
+            try:
+                self.incoming.append(
+                    self.applier.begin(f.root, f.path, size=f.size, mtime_ns=f.mtime_ns, digest="")
+                )
+            except UnsafePathError as exc:
+                self.refused.append((f.root, f.path, str(exc)))
+                self.incoming.append(None)
+            except OSError as exc:
+                self.retry.append((f.root, f.path, str(exc)))
+                self.incoming.append(None)
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self.current < len(self.files) and self.filled >= self.files[self.current].size:
+            self.current += 1
+            self.filled = 0
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.current >= len(self.files):
+                raise RemoteProtocolError("sync: more data than the Put announced")
+            f = self.files[self.current]
+            take = min(len(view), f.size - self.filled)
+            target = self.incoming[self.current]
+            if target is not None:
+                try:
+                    target.write(view[:take])
+                except OSError as exc:
+                    self.retry.append((f.root, f.path, str(exc)))
+                    target.abort()
+                    self.incoming[self.current] = None
+            self.filled += take
+            view = view[take:]
+            self._skip_empty()
+
+    def _seal(self, digests: tuple[str, ...]) -> None:
+        if len(digests) != len(self.files) or self.current < len(self.files):
+            raise RemoteProtocolError("sync: a Seal that does not match its Put")
+        for f, incoming, digest in zip(self.files, self.incoming, digests, strict=True):
+            if incoming is None:
+                continue
+            if not digest:
+                incoming.abort()  # torn on the sender: it comes again
+                continue
+            incoming.expect(digest)
+            try:
+                incoming.finish()
+            except IntegrityError as exc:
+                self.retry.append((f.root, f.path, str(exc)))
+                continue
+            self.ready.append((f, incoming))
+            self.ready_bytes += f.size
+        self.files, self.incoming = [], []
+        self.current = self.filled = 0
+
+    def _commit(self) -> None:
+        if not self.ready:
+            return
+        batch, self.ready = self.ready, []
+        self.ready_bytes = 0
+        index = self.engine.index
+        for f, _incoming in batch:
+            self._keep_if_changed_here(f, index)
+        outcomes = self.applier.commit([incoming for _, incoming in batch])
+        rows = []
+        for (f, incoming), outcome in zip(batch, outcomes, strict=True):
+            if outcome.status == "applied":
+                try:
+                    st = os.stat(incoming.target)
+                except OSError:
+                    continue
+                rows.append(
+                    (f.root, f.path, st.st_size, st.st_mtime_ns, st.st_ino, incoming.digest)
+                )
+        if rows:
+            index.put_many(rows)
+        self.engine.status.files_received += len(rows)
+        self._count(outcomes)
+
+    def _keep_if_changed_here(self, f: PutFile, index: HashIndex) -> None:
+        """A file changed on this node since it was last synced is kept, never overwritten."""
+        target = self.applier.target_of(f.root, f.path)
+        try:
+            st = os.stat(target)
+        except OSError:
+            return
+        if index.get(f.root, f.path, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino):
+            return
+        kept = self.applier.keep_conflict(f.root, f.path, reason="changed on both nodes")
+        if kept is not None:
+            message = f"{f.path} changed on both nodes: this node's copy kept at {kept}"
+            self.engine.status.conflicts.append(str(kept))
+            self.engine._alert("split_brain", message, "warning")
+
+    def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
+        outcomes = self.applier.delete_many(root, paths)
+        self.engine.index.delete_many([(root, p) for p in paths])
+        return outcomes
+
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            if o.status == "applied":
+                self.applied += 1
+            elif o.status == "retry":
+                self.retry.append((o.root_id, o.path, o.reason))
+            else:
+                self.refused.append((o.root_id, o.path, o.reason))
