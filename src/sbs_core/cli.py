@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="the sentinel's name (for start and stop)")
     p.set_defaults(func=_cmd_sentinels)
 
+    p = sub.add_parser("sync", help="replication: confirm held-back strict-sync deletions")
+    config_arg(p)
+    p.add_argument("action", choices=["confirm-deletes"])
+    p.set_defaults(func=_cmd_sync)
+
     p = sub.add_parser("check", help="validate a configuration file")
     config_arg(p)
     p.set_defaults(func=_cmd_check)
@@ -222,9 +227,27 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"running    {', '.join(running) if running else '-'}")
     pair = st.get("sentinels") or []
     lines.append(f"sentinels  {', '.join(pair) if pair else '-'} (active on the pair)")
+    if st.get("last_sync_at") or st.get("bytes_received") or st.get("bytes_sent"):
+        when = st.get("last_sync_at")
+        ago = f"{time.time() - when:.1f} s ago" if isinstance(when, int | float) else "never"
+        lines.append(
+            f"sync       last {ago}, {st.get('files_pending', 0)} pending, "
+            f"{_megabytes(st.get('bytes_sent'))} sent, "
+            f"{_megabytes(st.get('bytes_received'))} received"
+        )
+    if st.get("held_deletes"):
+        lines.append(
+            f"held       {st['held_deletes']} deletions wait for 'sbs sync confirm-deletes'"
+        )
+    if st.get("last_sync_error"):
+        lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):
         lines.append(f"last error {st['last_error']}")
     return "\n".join(lines)
+
+
+def _megabytes(value: object) -> str:
+    return f"{value / 1e6:.1f} MB" if isinstance(value, int | float) else "0 MB"
 
 
 # ---------------------------------------------------------------------- sentinels
@@ -256,6 +279,24 @@ def _cmd_sentinels(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     verb = "activated" if args.action == "start" else "deactivated"
     print(f"sentinel {args.name} {verb} on {answer['status'].get('name')}")
+    return EXIT_OK
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    try:
+        answer = control_request(config.node.state_dir, {"cmd": "confirm_deletes"})
+    except NodeNotRunning as exc:
+        print(f"sbs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer.get("ok"):
+        print(f"sbs: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    held = answer.get("held", 0)
+    if held:
+        print(f"{held} held-back deletion(s) will be applied at the next cycle")
+    else:
+        print("no deletions were held back")
     return EXIT_OK
 
 

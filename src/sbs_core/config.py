@@ -349,6 +349,43 @@ class NodeConfig(_Section):
     final_cycle_timeout: _Seconds = 30.0
     """Seconds a stopping primary may spend on its last replication cycle."""
 
+    durable_writes: bool = True
+    """Flush received files to disk before they replace the old copies (one ``syncfs``
+    per batch on Linux). Turning it off is faster and loses the last files on a power
+    cut; it exists to measure what durability costs."""
+
+    max_delete: int | str = "50%"
+    """Cap on strict-sync deletions in one folder and one cycle: a count (``100``) or a
+    share of the secondary's copy (``"25%"``). Beyond it the deletions wait and an alert
+    is sent; ``sbs sync confirm-deletes`` lets them through once."""
+
+    @field_validator("max_delete", mode="before")
+    @classmethod
+    def _check_max_delete(cls, value: object) -> int | str:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise _problem("must be a count such as 100 or a share such as \"25%\"")
+        if isinstance(value, int):
+            if value < 0:
+                raise _problem("must not be negative")
+            return value
+        text = value.strip()
+        if not text.endswith("%"):
+            raise _problem(f"{value!r} must be a count such as 100 or a share such as \"25%\"")
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise _problem(f"{value!r} is not a percentage") from None
+        if not 0 <= share <= 100:
+            raise _problem(f"{value!r} must be between 0% and 100%")
+        return text
+
+    def delete_cap(self) -> tuple[int | None, float | None]:
+        """``max_delete`` as (count, share): one of them is None."""
+        if isinstance(self.max_delete, int):
+            return self.max_delete, None
+        return None, float(self.max_delete[:-1]) / 100
+
+
     secret_file: _ConfigPath
     """File holding the secret shared by both nodes (required), at least 16 bytes once
     surrounding whitespace is removed. Peers that cannot prove they know it get nothing

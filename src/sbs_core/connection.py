@@ -99,6 +99,10 @@ class PeerConnection:
         self.channel = channel
         self.peer_host = host
         self.last_heard_wall = time.time()
+        # The longest wait between two control messages from the peer: heartbeats
+        # come every heartbeat_interval, so this shows whether bulk data starved them.
+        self.longest_silence = 0.0
+        self._last_control = time.monotonic()
         self.flushed = anyio.Event()
         self._urgent: deque[bytes] = deque()
         self._bulk: deque[_Frame] = deque()
@@ -210,6 +214,11 @@ class PeerConnection:
                     match event:
                         case ControlReceived(payload=payload):
                             self.last_heard_wall = time.time()
+                            now = time.monotonic()
+                            self.longest_silence = max(
+                                self.longest_silence, now - self._last_control
+                            )
+                            self._last_control = now
                             on_message(decode_message(payload))
                         case DataReceived(payload=payload):
                             self.last_heard_wall = time.time()

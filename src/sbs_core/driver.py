@@ -115,6 +115,10 @@ class FileSync(Protocol):
 
     def snapshot(self) -> dict[str, Any]: ...
 
+    def confirm_deletes(self) -> int:
+        """Let held-back strict-sync deletions through once; how many were held."""
+        ...
+
 
 EventFactory = Callable[[float], Event]
 
@@ -201,6 +205,7 @@ class Node:
                 "epoch": st.peer.epoch,
                 "address": conn.peer_host if conn else node.remote_address,
                 "last_heard_ago": round(time.time() - conn.last_heard_wall, 3) if conn else None,
+                "longest_silence": round(conn.longest_silence, 3) if conn else None,
             }
         return {
             "role": st.role,
@@ -444,6 +449,9 @@ class Node:
             if req.error is not None:
                 return {"ok": False, "error": req.error}
             return {"ok": True, "status": self.status()}
+        if cmd == "confirm_deletes":
+            held = self._sync.confirm_deletes()
+            return {"ok": True, "held": held, "status": self.status()}
         return {"ok": False, "error": f"unknown request {cmd!r}"}
 
     # ------------------------------------------------------------------ connections

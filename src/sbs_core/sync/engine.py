@@ -98,6 +98,7 @@ class SyncStatus:
     files_sent: int = 0
     files_received: int = 0
     conflicts: list[str] = field(default_factory=list)
+    held_deletes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The replication keys of ``sbs status --json`` (a stopped node shows the defaults)."""
@@ -110,6 +111,7 @@ class SyncStatus:
             "files_sent": self.files_sent,
             "files_received": self.files_received,
             "conflicts": list(self.conflicts[-20:]),
+            "held_deletes": self.held_deletes,
         }
 
 
@@ -199,6 +201,8 @@ class SyncEngine:
         self._wake = anyio.Event()
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
+        self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
+        self._deletes_confirmed = False
 
     # ------------------------------------------------------------------ life
 
@@ -298,6 +302,14 @@ class SyncEngine:
 
     def snapshot(self) -> dict[str, Any]:
         return self.status.as_dict()
+
+    def confirm_deletes(self) -> int:
+        """Let the deletions held back by ``node.max_delete`` through at the next cycle."""
+        held = sum(self._held.values())
+        self._deletes_confirmed = True
+        self._trigger.full = True
+        self._wake.set()
+        return held
 
     def _take_session_id(self) -> int:
         session = self._next_session
@@ -401,6 +413,8 @@ class SyncEngine:
                 if not trigger.final:
                     await self._run_update_scripts()
             ok = await self._cycle(session, cycle, roots, trigger)
+            if trigger.full:
+                self._deletes_confirmed = False
             if trigger.final is not None:
                 trigger.final.set()
             if not ok:
@@ -500,19 +514,7 @@ class SyncEngine:
         deletes: list[str] = []
         if self.config.node.strict_sync:
             gone = [p for p in known if p not in scan.files]
-            if gone:
-                allowed, why = deletion_allowed(
-                    source_complete=scan.complete,
-                    source_count=len(scan.files),
-                    target_count=len(known),
-                    to_delete=len(gone),
-                    max_delete_count=None,
-                    max_delete_share=0.5,
-                )
-                if allowed:
-                    deletes = gone
-                else:
-                    self._refuse_deletes(root, len(gone), why)
+            deletes = self._allowed_deletes(root, gone, scan.complete, len(scan.files), len(known))
         for error in scan.errors[:3]:
             logger.warning("scan of %s: %s", root.path, error)
         return candidates, deletes
@@ -543,24 +545,41 @@ class SyncEngine:
             candidates.append((name, stat, self._cached_digest(root.spec.id, stat)))
         deletes: list[str] = []
         if gone and self.config.node.strict_sync:
-            allowed, why = deletion_allowed(
-                source_complete=root.path.is_dir(),
-                source_count=max(0, len(known) - len(gone)),
-                target_count=len(known),
-                to_delete=len(gone),
-                max_delete_count=None,
-                max_delete_share=0.5,
-            )
-            if allowed:
-                deletes = gone
-            else:
-                self._refuse_deletes(root, len(gone), why)
+            remaining = max(0, len(known) - len(gone))
+            deletes = self._allowed_deletes(root, gone, root.path.is_dir(), remaining, len(known))
         return candidates, deletes
 
-    def _refuse_deletes(self, root: LocalRoot, count: int, why: str) -> None:
-        message = f"strict sync of {root.path}: {count} deletions held back: {why}"
-        self.status.last_sync_error = message
-        self._alert("replication_failed", message, "warning")
+    def _allowed_deletes(
+        self, root: LocalRoot, gone: list[str], complete: bool, source: int, target: int
+    ) -> list[str]:
+        """Strict sync's deletions that may go now; the others are held back, with an alert."""
+        root_id = root.spec.id
+        if not gone:
+            self._held.pop(root_id, None)
+            self.status.held_deletes = sum(self._held.values())
+            return []
+        count, share = self.config.node.delete_cap()
+        if self._deletes_confirmed and complete:
+            count = share = None  # the operator confirmed: only the safety rules remain
+        allowed, why = deletion_allowed(
+            source_complete=complete,
+            source_count=source,
+            target_count=target,
+            to_delete=len(gone),
+            max_delete_count=count,
+            max_delete_share=share,
+        )
+        if allowed:
+            self._held.pop(root_id, None)
+        else:
+            first = self._held.get(root_id) != len(gone)
+            self._held[root_id] = len(gone)
+            message = f"strict sync of {root.path}: {len(gone)} deletions held back: {why}"
+            self.status.last_sync_error = message
+            if first:  # once per distinct hold, not every cycle
+                self._alert("replication_failed", message, "warning")
+        self.status.held_deletes = sum(self._held.values())
+        return gone if allowed else []
 
     def _cached_digest(self, root_id: str, st: FileStat) -> str | None:
         cached = self._local.get((root_id, st.path))
@@ -595,10 +614,12 @@ class SyncEngine:
                     reads = await anyio.to_thread.run_sync(_read_batch, root.path, batch)
                     await tx.send(reads)
 
+        progress = _Progress(root.path, len(candidates))
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
             async with rx:
                 async for reads in rx:
+                    progress.advance(len(reads), sum(r.size for r in reads))
                     fresh = [
                         r
                         for r in reads
@@ -611,6 +632,7 @@ class SyncEngine:
                     for r in fresh:
                         sent[r.path] = (r.size, r.digest)
         for path, st, digest in large:
+            progress.advance(1, st.size)
             if digest is not None and known.get(path) == (st.size, digest):
                 continue
             result = await self._stream_large(session, root, path, st)
@@ -735,6 +757,7 @@ class SyncEngine:
             {r.spec.id: r.path for r in roots},
             conflicts_dir=self._state_dir / "conflicts",
             preserve_timestamps=start.preserve_timestamps,
+            durable=self.config.node.durable_writes,
         )
         await anyio.to_thread.run_sync(applier.cleanup_temp_files)
         await self._send_inventory(session, roots)
@@ -797,6 +820,34 @@ class SyncEngine:
         if rows:
             self.index.put_many(rows)
         return entries
+
+
+class _Progress:
+    """A log line every few seconds while a long cycle runs, so a first sync is not silent."""
+
+    EVERY = 5.0
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.root = root
+        self.total = total
+        self.done = 0
+        self.bytes = 0
+        self.began = self.last = time.monotonic()
+
+    def advance(self, files: int, size: int) -> None:
+        self.done += files
+        self.bytes += size
+        now = time.monotonic()
+        if now - self.last >= self.EVERY:
+            self.last = now
+            logger.info(
+                "syncing %s: %d of %d files checked, %.0f MB, %.0f s",
+                self.root,
+                self.done,
+                self.total,
+                self.bytes / 1e6,
+                now - self.began,
+            )
 
 
 @dataclass(slots=True)
