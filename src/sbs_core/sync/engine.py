@@ -56,9 +56,11 @@ from sbs_core.sync.roots import (
     save_peer_roots,
     sender_roots,
 )
-from sbs_core.sync.scan import FileStat, ScanResult, new_hasher, scan_root
+from sbs_core.sync.scan import FileStat, ScanResult, hash_file, new_hasher, scan_root
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
+
+_BASE = "base:"  # index namespace of the bases (see SyncEngine.base_of)
 
 logger = logging.getLogger("sbs.sync")
 
@@ -131,6 +133,9 @@ class _Trigger:
     full: bool = False
     paths: dict[str, set[str]] = field(default_factory=dict)  # root id -> changed paths
     final: anyio.Event | None = None
+    # A split-brain loser pushing to the winner: a file the winner changed too is
+    # kept here as a conflict instead of overwriting the winner's.
+    yielding: bool = False
 
 
 class _SenderSession:
@@ -244,8 +249,12 @@ class SyncEngine:
         if session is not None:
             session.scope.cancel()
 
-    async def final_cycle(self, conn: ConnId) -> None:
-        """Push every change to ``conn`` and return once the peer made it durable."""
+    async def final_cycle(self, conn: ConnId, *, yielding: bool = False) -> None:
+        """Push every change to ``conn`` and return once the peer made it durable.
+
+        ``yielding``: this node lost a split brain; files changed on both nodes stay
+        the peer's, and this node's copies are kept under ``state_dir/conflicts``.
+        """
         if self._tg is None or not self.roots():
             return
         session = self._sender
@@ -257,6 +266,7 @@ class SyncEngine:
         done = anyio.Event()
         self._trigger.full = True
         self._trigger.final = done
+        self._trigger.yielding = yielding
         self._wake.set()
         async with anyio.create_task_group() as tg:
 
@@ -444,7 +454,9 @@ class SyncEngine:
         for root in roots:
             if trigger.full:
                 scan = await anyio.to_thread.run_sync(scan_root, root.path, root.spec.filter)
-                candidates, deletes = self._diff_full(session, root, scan)
+                candidates, deletes = await anyio.to_thread.run_sync(
+                    self._diff_full, session, root, scan
+                )
             else:
                 names = trigger.paths.get(root.spec.id, set())
                 if not names:
@@ -458,7 +470,12 @@ class SyncEngine:
         sent_files: dict[str, dict[str, tuple[int, str]]] = {}
         sent_count = sent_bytes = 0
         for root, candidates, deletes in plan:
-            done = await self._send_root(session, root, candidates)
+            to_send = candidates
+            if trigger.yielding:
+                to_send = await anyio.to_thread.run_sync(
+                    self._keep_conflicts_of_loser, session, root, candidates
+                )
+            done = await self._send_root(session, root, to_send)
             sent_files[root.spec.id] = done
             sent_count += len(done)
             sent_bytes += sum(size for size, _ in done.values())
@@ -471,14 +488,19 @@ class SyncEngine:
         await self._link.send(session.conn, CycleEnd(session=session.id, cycle=cycle))
         ack: CycleAck = await session.take(CycleAck)
         failed = {(r, p) for r, p, _ in (*ack.retry, *ack.refused)}
+        agreed: list[tuple[str, str, str]] = []
+        forgotten: list[tuple[str, str]] = []
         for root, _candidates, deletes in plan:
             known = session.known.setdefault(root.spec.id, {})
             for path, value in sent_files.get(root.spec.id, {}).items():
                 if (root.spec.id, path) not in failed:
                     known[path] = value
+                    agreed.append((root.spec.id, path, value[1]))
             for path in deletes:
                 if (root.spec.id, path) not in failed:
                     known.pop(path, None)
+                    forgotten.append((root.spec.id, path))
+        await anyio.to_thread.run_sync(self._set_bases, agreed, forgotten)
         self.status.files_pending = len(failed)
         self.status.files_sent += sent_count
         if ack.error or ack.refused:
@@ -505,12 +527,15 @@ class SyncEngine:
     ) -> tuple[list[tuple[str, FileStat, str | None]], list[str]]:
         known = session.known.get(root.spec.id, {})
         candidates = []
+        agreed = []
         for path, st in scan.files.items():
             digest = self._cached_digest(root.spec.id, st)
             have = known.get(path)
             if have is not None and digest is not None and have == (st.size, digest):
+                agreed.append((root.spec.id, path, digest))
                 continue
             candidates.append((path, st, digest))
+        self._set_bases(agreed, [])
         deletes: list[str] = []
         if self.config.node.strict_sync:
             gone = [p for p in known if p not in scan.files]
@@ -580,6 +605,72 @@ class SyncEngine:
                 self._alert("replication_failed", message, "warning")
         self.status.held_deletes = sum(self._held.values())
         return gone if allowed else []
+
+    # The *base* of a file is the content both nodes last agreed on (sent and
+    # acknowledged, or received and applied). A local file that differs from its
+    # base was changed on this node since: it is never overwritten silently.
+
+    def base_of(self, root_id: str, path: str) -> str | None:
+        return self.index.get(_BASE + root_id, path, size=0, mtime_ns=0, ino=0)
+
+    def _set_bases(
+        self, agreed: Sequence[tuple[str, str, str]], forgotten: Sequence[tuple[str, str]]
+    ) -> None:
+        if agreed:
+            self.index.put_many((_BASE + r, p, 0, 0, 0, d) for r, p, d in agreed)
+        if forgotten:
+            self.index.delete_many((_BASE + r, p) for r, p in forgotten)
+
+    def local_digest(self, root_id: str, path: str, full: Path) -> str | None:
+        """The digest of this node's file now (cached by stat), or None when there is none."""
+        try:
+            st = os.stat(full)
+        except OSError:
+            return None
+        stat_ = FileStat(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
+        cached = self._cached_digest(root_id, stat_)
+        if cached is not None:
+            return cached
+        found = hash_file(full)
+        return found.digest if found is not None else None
+
+    def _keep_conflicts_of_loser(
+        self,
+        session: _SenderSession,
+        root: LocalRoot,
+        candidates: list[tuple[str, FileStat, str | None]],
+    ) -> list[tuple[str, FileStat, str | None]]:
+        """Split brain lost: keep (not send) this node's files that the winner changed too."""
+        known = session.known.get(root.spec.id, {})
+        keeper = Applier(
+            {root.spec.id: root.path},
+            conflicts_dir=self._state_dir / "conflicts",
+            preserve_timestamps=True,
+        )
+        send = []
+        kept_bases = []
+        for path, st, digest in candidates:
+            theirs = known.get(path)
+            base = self.base_of(root.spec.id, path)
+            if theirs is None or base is None or theirs[1] == base:
+                send.append((path, st, digest))  # the winner left it alone: ours goes
+                continue
+            mine = digest or self.local_digest(root.spec.id, path, root.path / path)
+            if mine is None or mine == base:
+                continue  # only the winner changed it: nothing of ours to keep
+            kept = keeper.keep_conflict(root.spec.id, path, reason="split brain: changed on both")
+            if kept is not None:
+                kept_bases.append((root.spec.id, path, mine))
+                self.status.conflicts.append(str(kept))
+                self._alert(
+                    "split_brain",
+                    f"{path} changed on both nodes during the split brain: the winner's copy "
+                    f"stays, this node's is kept at {kept}",
+                    "warning",
+                )
+        # Kept already: when the winner's version arrives here it may replace ours.
+        self._set_bases(kept_bases, [])
+        return send
 
     def _cached_digest(self, root_id: str, st: FileStat) -> str | None:
         cached = self._local.get((root_id, st.path))
@@ -804,8 +895,6 @@ class SyncEngine:
         scan = scan_root(root.path, root.spec.filter)
         entries = []
         rows = []
-        from sbs_core.sync.scan import hash_file  # noqa: PLC0415
-
         for path, st in scan.files.items():
             digest = self.index.get(
                 root.spec.id, path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
@@ -1066,8 +1155,8 @@ class _Receiving:
         batch, self.ready = self.ready, []
         self.ready_bytes = 0
         index = self.engine.index
-        for f, _incoming in batch:
-            self._keep_if_changed_here(f, index)
+        for f, incoming in batch:
+            self._keep_if_changed_here(f.root, f.path, incoming.digest)
         outcomes = self.applier.commit([incoming for _, incoming in batch])
         rows = []
         for (f, incoming), outcome in zip(batch, outcomes, strict=True):
@@ -1081,27 +1170,30 @@ class _Receiving:
                 )
         if rows:
             index.put_many(rows)
+            self.engine._set_bases([(r[0], r[1], r[5]) for r in rows], [])
         self.engine.status.files_received += len(rows)
         self._count(outcomes)
 
-    def _keep_if_changed_here(self, f: PutFile, index: HashIndex) -> None:
-        """A file changed on this node since it was last synced is kept, never overwritten."""
-        target = self.applier.target_of(f.root, f.path)
-        try:
-            st = os.stat(target)
-        except OSError:
+    def _keep_if_changed_here(self, root: str, path: str, incoming: str | None) -> None:
+        """A file changed on this node since its base is kept, never overwritten silently."""
+        engine = self.engine
+        mine = engine.local_digest(root, path, self.applier.target_of(root, path))
+        if mine is None or mine == incoming:
             return
-        if index.get(f.root, f.path, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino):
-            return
-        kept = self.applier.keep_conflict(f.root, f.path, reason="changed on both nodes")
+        if engine.base_of(root, path) == mine:
+            return  # unchanged here since both nodes agreed on it
+        kept = self.applier.keep_conflict(root, path, reason="changed on this node")
         if kept is not None:
-            message = f"{f.path} changed on both nodes: this node's copy kept at {kept}"
-            self.engine.status.conflicts.append(str(kept))
-            self.engine._alert("split_brain", message, "warning")
+            message = f"{path} was changed on this node too: this node's copy kept at {kept}"
+            engine.status.conflicts.append(str(kept))
+            engine._alert("split_brain", message, "warning")
 
     def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
+        for path in paths:
+            self._keep_if_changed_here(root, path, None)
         outcomes = self.applier.delete_many(root, paths)
         self.engine.index.delete_many([(root, p) for p in paths])
+        self.engine._set_bases([], [(root, p) for p in paths])
         return outcomes
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
