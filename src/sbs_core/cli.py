@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from sbs_core import __version__
+from sbs_core.alerts import MailError, Notifier, compose_mail, email_test_event, send_mail
 from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.demo import run_demo
@@ -88,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     config_arg(p)
     p.add_argument("action", choices=["confirm-deletes"])
     p.set_defaults(func=_cmd_sync)
+
+    p = sub.add_parser("email", help="email: send a test mail now with the [email] settings")
+    config_arg(p)
+    p.add_argument("action", choices=["test"])
+    p.set_defaults(func=_cmd_email)
 
     p = sub.add_parser("check", help="validate a configuration file")
     config_arg(p)
@@ -186,6 +192,7 @@ def node_status(config: Config) -> dict[str, Any]:
             "started_at": None,
             "version": __version__,
             **SyncStatus().as_dict(),
+            **Notifier.offline_snapshot(config.node.state_dir),
         }
     if not isinstance(answer, dict) or not answer.get("ok"):
         raise ControlError(f"the node answered: {answer}")
@@ -297,6 +304,30 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print(f"{held} held-back deletion(s) will be applied at the next cycle")
     else:
         print("no deletions were held back")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- email
+
+
+def _cmd_email(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    email = config.email
+    if not email.enabled:
+        print(
+            f"sbs: email is disabled in {config.config_file}: set enabled = true in [email]"
+            " (with host, sender and recipients) to send mail",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    # Sent now, not through the node's outbox: the operator wants the verdict here.
+    mail = compose_mail(email_test_event(config))
+    try:
+        anyio.run(send_mail, email, mail.subject, mail.body)
+    except MailError as exc:
+        print(f"sbs: test mail not sent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"test mail sent to {', '.join(email.recipients)} via {email.host}:{email.port}")
     return EXIT_OK
 
 

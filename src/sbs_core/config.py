@@ -19,6 +19,7 @@ import posixpath
 import re
 import shlex
 import socket
+import ssl
 import stat
 import sys
 import tomllib
@@ -55,6 +56,7 @@ __all__ = (
     "FolderConfig",
     "Mode",
     "NodeConfig",
+    "NotifyConfig",
     "SentinelConfig",
     "default_state_dir",
     "load_config",
@@ -249,6 +251,17 @@ def _read_password(path: Path) -> str:
     return password
 
 
+def _check_certificates(path: Path) -> None:
+    data = _read_regular_file(path)
+    problem = _FileProblem("holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise problem
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):
+        raise problem from None
+
+
 def _open_to_others(path: Path) -> str | None:
     """The file's permission bits if users other than its owner can use it."""
     if os.name != "posix":
@@ -363,14 +376,14 @@ class NodeConfig(_Section):
     @classmethod
     def _check_max_delete(cls, value: object) -> int | str:
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise _problem("must be a count such as 100 or a share such as \"25%\"")
+            raise _problem('must be a count such as 100 or a share such as "25%"')
         if isinstance(value, int):
             if value < 0:
                 raise _problem("must not be negative")
             return value
         text = value.strip()
         if not text.endswith("%"):
-            raise _problem(f"{value!r} must be a count such as 100 or a share such as \"25%\"")
+            raise _problem(f'{value!r} must be a count such as 100 or a share such as "25%"')
         try:
             share = float(text[:-1])
         except ValueError:
@@ -384,7 +397,6 @@ class NodeConfig(_Section):
         if isinstance(self.max_delete, int):
             return self.max_delete, None
         return None, float(self.max_delete[:-1]) / 100
-
 
     secret_file: _ConfigPath
     """File holding the secret shared by both nodes (required), at least 16 bytes once
@@ -535,6 +547,19 @@ class EmailConfig(_Section):
     timeout: _Seconds = 30.0
     """Seconds to wait for the SMTP server before giving up on a message."""
 
+    ca_file: _ConfigPath | None = None
+    """PEM file of the certificate authorities trusted to sign the SMTP server's
+    certificate, used instead of the system's (for a private CA). The server's
+    certificate is always checked when ``security`` is ``starttls`` or ``ssl``."""
+
+    repeat_interval: _Seconds = 3600.0
+    """Seconds between two emails about failed replication: further failures within that
+    time are counted and reported together in the next email."""
+
+    max_age: _Seconds = 86400.0
+    """Seconds an email that could not be sent yet is kept and retried; an older one is
+    dropped, with a log line."""
+
     @model_validator(mode="after")
     def _check_complete(self) -> Self:
         if not self.enabled:
@@ -556,6 +581,11 @@ class EmailConfig(_Section):
                 _read_password(self.password_file)
             except _FileProblem as exc:
                 found.append(("password_file", f"{self.password_file} {exc}"))
+        if self.ca_file is not None:
+            try:
+                _check_certificates(self.ca_file)
+            except _FileProblem as exc:
+                found.append(("ca_file", f"{self.ca_file} {exc}"))
         if self.sender is None:
             found.append(("sender", "is required when email is enabled: the From address"))
         if not self.recipients:
@@ -576,6 +606,22 @@ class EmailConfig(_Section):
             return SecretStr(_read_password(self.password_file))
         except _FileProblem as exc:
             raise ConfigError(str(self.password_file), None, str(exc)) from None
+
+
+class NotifyConfig(_Section):
+    """``[notify]``: a command run on every alert, e.g. to reach a chat or a pager.
+
+    It gets the alert as a JSON object on its standard input and in environment
+    variables (``SBS_EVENT``, ``SBS_ROLE``, ``SBS_EPOCH``, ``SBS_NODE``,
+    ``SBS_MESSAGE``); see docs/alerts.md. Runs one at a time, in order.
+    """
+
+    command: _Command | None = None
+    """The program and its arguments, as a list of strings (or a string split like a
+    POSIX shell would). Not set: no command is run."""
+
+    timeout: _Seconds = 10.0
+    """Seconds the command may run before it is killed."""
 
 
 class SentinelConfig(_Section):
@@ -663,6 +709,9 @@ class Config(_Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     """What runs the managed application and its sentinels."""
 
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    """A command run on every alert."""
+
     @field_validator("config_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -749,6 +798,7 @@ _TABLES: Final[Mapping[tuple[str, ...], type[BaseModel]]] = {
     ("folders",): FolderConfig,
     ("email",): EmailConfig,
     ("controller",): ControllerConfig,
+    ("notify",): NotifyConfig,
     ("controller", "sentinels"): SentinelConfig,
 }
 

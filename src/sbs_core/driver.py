@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from sbs_core import __version__
+from sbs_core.alerts import AlertEvent, Notifier
 from sbs_core.config import Config
 from sbs_core.connection import (
     ConnectionGone,
@@ -142,11 +143,13 @@ class Node:
         transport: Transport | None = None,
         controller: ServiceController | None = None,
         sync: Callable[[Node], FileSync] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         node = config.node
         self._transport: Transport = transport or TcpTransport()
         self._controller_override = controller
+        self._notifier = notifier or Notifier(config)
         self._sync: FileSync = (
             sync(self) if sync else SyncEngine(config, link=self, alert=self._sync_alert)
         )
@@ -226,6 +229,7 @@ class Node:
             "started_at": self._started_wall,
             "version": __version__,
             **self._sync.snapshot(),
+            **self._notifier.snapshot(),
         }
 
     async def run(self) -> None:
@@ -258,12 +262,14 @@ class Node:
                     self._tg = tg
                     await tg.start(control.serve)
                     await tg.start(self._sync.run)
+                    await tg.start(self._notifier.run)
                     tg.start_soon(listener.serve, self._accepted)
                     tg.start_soon(self._controller_worker)
                     tg.start_soon(self._stop_watchdog)
                     self._post(lambda now: Started(now=now))
                     await self._main_loop()
                     await self._flush_closing()
+                    await self._notifier.drain(5.0)
                     tg.cancel_scope.cancel()
         finally:
             self._tg = None
@@ -339,6 +345,7 @@ class Node:
                 self._sync.attach(target)
 
     def _carry_out(self, actions: list[Action]) -> None:
+        handback = any(isinstance(a, Alert) and a.kind == "handback" for a in actions)
         for action in actions:
             match action:
                 case Connect():
@@ -356,20 +363,39 @@ class Node:
                 case PersistState(epoch=epoch, role=role, sentinels=sentinels):
                     self._store.save(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
                 case Alert():
-                    self._alert(action)
+                    # A handback is one event for the operator: its own mail says it all.
+                    self._alert(action, mail=not (action.kind == "promoted" and handback))
                 case Exit():
                     self._exited = True
 
-    def _alert(self, alert: Alert) -> None:
+    def _alert(self, alert: Alert, *, mail: bool = True) -> None:
         machine = self.machine
+        node = self.config.node
         logger.log(
             _LEVELS[alert.level],
             "[%s %s epoch=%d] %s: %s",
-            self.config.node.name,
+            node.name,
             machine.role,
             machine.epoch,
             alert.kind,
             alert.message,
+        )
+        if not mail:
+            return
+        sync = self._sync.snapshot()
+        running = tuple(sorted(self._controller.running_sentinels())) if self._controller else ()
+        self._notifier.publish(
+            AlertEvent.from_alert(
+                alert,
+                node_name=node.name,
+                node_address=node.local_address,
+                role=machine.role,
+                epoch=machine.epoch,
+                sentinels_started=machine.status().sentinels if alert.kind == "promoted" else (),
+                sentinels_stopped=running if alert.kind in ("demoted", "stopped") else (),
+                last_sync_at=sync.get("last_sync_at"),
+                conflicts=tuple(sync.get("conflicts", ())) if alert.kind == "split_brain" else (),
+            )
         )
 
     async def _stop_watchdog(self) -> None:

@@ -21,6 +21,7 @@ from sbs_core.config import (
     EmailConfig,
     FolderConfig,
     NodeConfig,
+    NotifyConfig,
     SentinelConfig,
 )
 
@@ -33,6 +34,7 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[email]", EmailConfig),
     ("[controller]", ControllerConfig),
     ("[[controller.sentinels]]", SentinelConfig),
+    ("[notify]", NotifyConfig),
 )
 
 _INTRO = """\

@@ -73,6 +73,9 @@ INVENTORY_CHUNK = 2000
 COMMIT_FILES = 2000
 COMMIT_BYTES = 64 << 20
 WATCH_STEP_MS = 50  # quiet time that ends a burst of file events
+# The watcher's thread cannot be cancelled: it returns at the latest after this
+# long, and a stopping node waits for it (watchfiles' default is 5 s).
+WATCH_RETURN_MS = 200
 
 
 class LinkClosed(SbsError, ConnectionError):
@@ -207,6 +210,8 @@ class SyncEngine:
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
         self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
+        self._held_why: dict[str, str] = {}  # root id -> why they are held
+        self._script_failure: str | None = None  # of the last full cycle's update scripts
         self._deletes_confirmed = False
 
     # ------------------------------------------------------------------ life
@@ -348,6 +353,7 @@ class SyncEngine:
                 async for changes in awatch(
                     *(r.path for r in roots),
                     step=WATCH_STEP_MS,
+                    rust_timeout=WATCH_RETURN_MS,
                     stop_event=stop,
                     recursive=True,
                     ignore_permission_denied=True,
@@ -422,8 +428,10 @@ class SyncEngine:
                 next_full = anyio.current_time() + self.config.node.period
                 if not trigger.final:
                     await self._run_update_scripts()
+            # Read before the cycle: a confirmation given while it runs is for the next one.
+            confirmed = trigger.full and self._deletes_confirmed
             ok = await self._cycle(session, cycle, roots, trigger)
-            if trigger.full:
+            if confirmed:
                 self._deletes_confirmed = False
             if trigger.final is not None:
                 trigger.final.set()
@@ -433,6 +441,7 @@ class SyncEngine:
                 await anyio.sleep(1.0)
 
     async def _run_update_scripts(self) -> None:
+        self._script_failure = None
         for command in self.config.app.update_scripts:
             timeout = self.config.app.update_script_timeout
             try:
@@ -440,7 +449,8 @@ class SyncEngine:
             except (OSError, subprocess.SubprocessError) as exc:
                 result = str(exc)
             if result:
-                self.status.last_sync_error = f"update script {command[0]}: {result}"
+                self._script_failure = f"update script {command[0]}: {result}"
+                self.status.last_sync_error = self._script_failure
                 self._alert(
                     "replication_failed", f"update script {list(command)} {result}", "error"
                 )
@@ -508,7 +518,10 @@ class SyncEngine:
             self.status.last_sync_error = detail
             self._alert("replication_failed", f"replication cycle {cycle}: {detail}", "error")
         else:
-            self.status.last_sync_error = None
+            # The cycle went well, but held deletions and failed scripts still need
+            # the operator: a successful cycle must not hide them.
+            standing = [*self._held_why.values(), self._script_failure]
+            self.status.last_sync_error = "; ".join(p for p in standing if p) or None
             self.status.last_sync_at = time.time()
         if sent_count or deletes_count(plan):
             logger.info(
@@ -550,24 +563,39 @@ class SyncEngine:
         from sbs_core.sync.scan import matches  # noqa: PLC0415 - keeps the top import list short
 
         known = session.known.get(root.spec.id, {})
-        candidates = []
-        gone = []
+        found: dict[str, tuple[str, FileStat, str | None]] = {}
+        gone: list[str] = []
         for name in names:
-            if not matches(root.spec.filter, name.rsplit("/", 1)[-1]):
-                continue
             full = root.path / name
             try:
                 st = full.lstat()
             except FileNotFoundError:
                 if name in known:
                     gone.append(name)
+                elif self.config.node.strict_sync and any(p.startswith(name + "/") for p in known):
+                    # A folder deleted or moved away (or an unmounted share): its files
+                    # raise no events of their own, and only a full scan tells the cases
+                    # apart. The loop runs it next; it waits for this thread meanwhile.
+                    self._trigger.full = True
                 continue
             except OSError:
                 continue
-            if not _is_regular(st.st_mode):
+            if _is_folder(st.st_mode):
+                # A folder created or moved in: files written in it before the watcher
+                # saw it, and those it came with, raise no events of their own.
+                inside = scan_root(full, root.spec.filter)
+                for rel, sub in inside.files.items():
+                    path = f"{name}/{rel}"
+                    fs = FileStat(path=path, size=sub.size, mtime_ns=sub.mtime_ns, ino=sub.ino)
+                    found[path] = (path, fs, self._cached_digest(root.spec.id, fs))
                 continue
-            stat = FileStat(path=name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
-            candidates.append((name, stat, self._cached_digest(root.spec.id, stat)))
+            if not _is_regular(st.st_mode) or not matches(
+                root.spec.filter, name.rsplit("/", 1)[-1]
+            ):
+                continue
+            fs = FileStat(path=name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
+            found[name] = (name, fs, self._cached_digest(root.spec.id, fs))
+        candidates = list(found.values())
         deletes: list[str] = []
         if gone and self.config.node.strict_sync:
             remaining = max(0, len(known) - len(gone))
@@ -581,6 +609,7 @@ class SyncEngine:
         root_id = root.spec.id
         if not gone:
             self._held.pop(root_id, None)
+            self._held_why.pop(root_id, None)
             self.status.held_deletes = sum(self._held.values())
             return []
         count, share = self.config.node.delete_cap()
@@ -596,10 +625,12 @@ class SyncEngine:
         )
         if allowed:
             self._held.pop(root_id, None)
+            self._held_why.pop(root_id, None)
         else:
             first = self._held.get(root_id) != len(gone)
             self._held[root_id] = len(gone)
             message = f"strict sync of {root.path}: {len(gone)} deletions held back: {why}"
+            self._held_why[root_id] = message
             self.status.last_sync_error = message
             if first:  # once per distinct hold, not every cycle
                 self._alert("replication_failed", message, "warning")
@@ -662,12 +693,15 @@ class SyncEngine:
             if kept is not None:
                 kept_bases.append((root.spec.id, path, mine))
                 self.status.conflicts.append(str(kept))
-                self._alert(
-                    "split_brain",
-                    f"{path} changed on both nodes during the split brain: the winner's copy "
-                    f"stays, this node's is kept at {kept}",
-                    "warning",
-                )
+        if kept_bases:
+            shown = ", ".join(p for _, p, _ in kept_bases[:10])
+            self._alert(
+                "split_brain",
+                f"{len(kept_bases)} file(s) changed on both nodes during the split brain keep "
+                f"the winner's copy; this node's are kept under {self._state_dir / 'conflicts'}: "
+                f"{shown}",
+                "warning",
+            )
         # Kept already: when the winner's version arrives here it may replace ours.
         self._set_bases(kept_bases, [])
         return send
@@ -828,11 +862,12 @@ class SyncEngine:
         try:
             with session.scope:
                 await self._receiver_loop(session)
-        except (LinkClosed, OSError) as exc:
-            logger.warning("receiving sync session %d ended: %s", session.id, exc)
         except (RemoteProtocolError, UnsafePathError) as exc:
+            # First: both are ConnectionErrors, so the clause below would swallow them.
             self.status.last_sync_error = str(exc)
             self._alert("replication_failed", f"refused the peer's sync session: {exc}", "error")
+        except (LinkClosed, OSError) as exc:
+            logger.warning("receiving sync session %d ended: %s", session.id, exc)
         finally:
             if self._receiver is session:
                 self._receiver = None
@@ -1019,6 +1054,12 @@ def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
 
 
+def _is_folder(mode: int) -> bool:
+    import stat  # noqa: PLC0415
+
+    return stat.S_ISDIR(mode)
+
+
 def deletes_count(
     plan: list[tuple[LocalRoot, list[tuple[str, FileStat, str | None]], list[str]]],
 ) -> int:
@@ -1042,6 +1083,7 @@ class _Receiving:
         self.retry: list[tuple[str, str, str]] = []
         self.refused: list[tuple[str, str, str]] = []
         self.credit_owed = 0
+        self.kept: list[str] = []  # conflict copies of this cycle: one alert for all
 
     async def handle(self, item: SyncMessage | bytes) -> None:
         if isinstance(item, bytes):
@@ -1079,6 +1121,14 @@ class _Receiving:
                 )
                 self.applied = 0
                 self.retry, self.refused = [], []
+                if self.kept:
+                    shown = ", ".join(self.kept[:10]) + (" ..." if len(self.kept) > 10 else "")
+                    self.engine._alert(
+                        "split_brain",
+                        f"{len(self.kept)} file(s) changed on this node too were kept: {shown}",
+                        "warning",
+                    )
+                    self.kept = []
                 await self.engine._link.send(self.session.conn, ack)
                 self.engine.status.last_sync_at = time.time()
             case _:
@@ -1184,9 +1234,9 @@ class _Receiving:
             return  # unchanged here since both nodes agreed on it
         kept = self.applier.keep_conflict(root, path, reason="changed on this node")
         if kept is not None:
-            message = f"{path} was changed on this node too: this node's copy kept at {kept}"
+            logger.warning("%s was changed on this node too: kept at %s", path, kept)
             engine.status.conflicts.append(str(kept))
-            engine._alert("split_brain", message, "warning")
+            self.kept.append(str(kept))
 
     def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
         for path in paths:
