@@ -1,5 +1,8 @@
 """The ``sbs`` command line.
 
+Commands import the heavy parts (driver, replication, mail) only when they need
+them, so that ``sbs status``, which tools poll, answers quickly.
+
 This is a contract other tools drive: commands, options and the keys of
 ``sbs status --json`` are only ever added to, never renamed or removed.
 
@@ -23,14 +26,10 @@ from typing import Any
 import anyio
 
 from sbs_core import __version__
-from sbs_core.alerts import MailError, Notifier, compose_mail, email_test_event, send_mail
 from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
-from sbs_core.demo import run_demo
-from sbs_core.driver import Node, install_signal_handlers
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.state import StateStore, write_atomically
-from sbs_core.sync.engine import SyncStatus
 
 __all__ = ("main",)
 
@@ -135,6 +134,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_node(config: Config) -> None:
+    from sbs_core.driver import Node, install_signal_handlers  # noqa: PLC0415 - see top
+
     node = Node(config)
     async with anyio.create_task_group() as tg:
         install_signal_handlers(node, tg)
@@ -165,6 +166,9 @@ def node_status(config: Config) -> dict[str, Any]:
     try:
         answer = control_request(config.node.state_dir, {"cmd": "status"})
     except NodeNotRunning:
+        from sbs_core.alerts import Notifier  # noqa: PLC0415 - see top
+        from sbs_core.sync.engine import SyncStatus  # noqa: PLC0415 - see top
+
         store = StateStore(config.node.state_dir)
         saved = store.load()
         # Read, never created here: a status must not write to the state directory.
@@ -320,6 +324,13 @@ def _cmd_email(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    from sbs_core.alerts import (  # noqa: PLC0415 - see top
+        MailError,
+        compose_mail,
+        email_test_event,
+        send_mail,
+    )
+
     # Sent now, not through the node's outbox: the operator wants the verdict here.
     mail = compose_mail(email_test_event(config))
     try:
@@ -358,4 +369,6 @@ def _cmd_secret(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from sbs_core.demo import run_demo  # noqa: PLC0415 - see top
+
     return run_demo(port=args.port, keep=args.keep, out=sys.stdout, clock=time.monotonic)
