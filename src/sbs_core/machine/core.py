@@ -140,6 +140,7 @@ class _Handover:
     reason: HandoverReason
     stage: Literal["stopping_sentinels", "final_cycle"] = "stopping_sentinels"
     deadline_at: float | None = None
+    cycles_pending: int = 0  # RunFinalCycles not yet answered; the last answer counts
 
 
 @dataclass(kw_only=True, slots=True)
@@ -170,14 +171,24 @@ class RoleMachine:
         self._connecting = False
         self._next_probe_at = 0.0
         self._grace_until: float | None = None
+        # Set when this node handed the role to the peer, until the peer says it
+        # is primary: a state the peer announced earlier (on this or another
+        # connection) may still be on its way, and neither that stale
+        # "secondary" nor a Handover the peer sent meanwhile may make this node
+        # primary again. Bounded by dead_time, after which elections decide.
+        self._takeover_until: float | None = None
         self._handover: _Handover | None = None
         # Set while this node follows (or is about to follow) a primary: losing
         # that peer then means failover. A backup that never saw a primary waits.
         self._had_primary = False
         self._sentinels_wanted = False
+        # A StopAll is under way (at most one: see _stop_all and _start_sentinels).
+        self._stopping_all = False
         self._last_error: str | None = None
         self._last_refusal: str | None = None
         self._split_brain_alerted: set[ConnId] = set()
+        # The peer's latest state heard on any connection (see _fresher).
+        self._last_peer: NodeState | None = None
         self._out = _Out()
 
     # ------------------------------------------------------------------ queries
@@ -229,6 +240,8 @@ class RoleMachine:
         for s in self._sessions.values():
             times.append(s.last_heard_at + self.settings.dead_time)
             times.append(s.next_heartbeat_at)
+        if self._takeover_until is not None:
+            times.append(self._takeover_until)
         if self._may_probe():
             times.append(self._next_probe_at)
         if self._grace_until is not None:
@@ -288,7 +301,8 @@ class RoleMachine:
             self._out.add(Close(conn=event.conn, goodbye=Goodbye(reason="refused", detail=problem)))
             self._refused(event.now, problem)
             return
-        peer = event.hello.state
+        peer = self._fresher(event.hello.state)
+        self._last_peer = peer
         self._sessions[event.conn] = _Session(
             conn=event.conn,
             peer=peer,
@@ -318,7 +332,7 @@ class RoleMachine:
         session.last_heard_at = event.now
         match event.message:
             case Heartbeat(state=state) | Hello(state=state):
-                session.peer = state
+                session.peer = self._last_peer = state
             case Handover() as handover:
                 self._on_handover(event.now, session, handover)
             case Goodbye(reason="duplicate"):
@@ -335,6 +349,11 @@ class RoleMachine:
             self._alert("split_brain", f"split brain over: {session.peer.name} yielded")
             return
         if self._phase is not _Phase.NORMAL:
+            return
+        if self._takeover_until is not None and handover.reason != "stopping":
+            # It crossed our own Handover to the peer (say it yielded to us while
+            # we gave the role back to it): each now waits for the other. Taking
+            # it could make both primary; the election after the wait settles it.
             return
         self._epoch = max(self._epoch, handover.epoch)
         self._promote(now, why, sentinels=handover.sentinels, kind="handover")
@@ -359,14 +378,17 @@ class RoleMachine:
         self._peer_gone(now, session, reason)
 
     def _on_all_stopped(self, now: float) -> None:
+        self._stopping_all = False
         if self._sentinels_wanted:
-            return  # sentinels were started again since: an aborted handover
+            # Wanted again while stopping (an aborted handover): start them now.
+            self._out.add(StartSentinels(names=self._sentinels, epoch=self._epoch))
+            return
         handover = self._handover
         if self._phase is _Phase.HANDING_OVER and handover is not None:
             if handover.stage == "stopping_sentinels":
                 handover.stage = "final_cycle"
                 handover.deadline_at = now + self.settings.final_cycle_timeout
-                self._out.add(RunFinalCycle(conn=handover.conn))
+                self._run_final_cycle(handover)
         elif self._phase is _Phase.STOPPING:
             self._exit()
 
@@ -374,6 +396,9 @@ class RoleMachine:
         handover = self._handover
         if handover is None or handover.stage != "final_cycle":
             return
+        handover.cycles_pending = max(0, handover.cycles_pending - 1)
+        if handover.cycles_pending:
+            return  # the cycle on the connection kept is still running
         if not event.ok:
             self._alert(
                 "replication_failed",
@@ -398,7 +423,7 @@ class RoleMachine:
         for s in self._sessions.values():
             self._out.add(Close(conn=s.conn, goodbye=Goodbye(reason="stopping")))
         self._sessions.clear()
-        if self._role == "primary" or self._sentinels_wanted:
+        if self._role == "primary" or self._sentinels_wanted or self._stopping_all:
             self._phase = _Phase.STOPPING
             self._stop_all()
         else:
@@ -417,7 +442,7 @@ class RoleMachine:
         self._sentinels = tuple(sorted(current))
         self._persist()
         if event.active:
-            self._out.add(StartSentinels(names=(event.name,), epoch=self._epoch))
+            self._start_sentinels((event.name,))
         else:
             self._out.add(StopSentinels(names=(event.name,)))
         self._broadcast(event.now)
@@ -425,11 +450,15 @@ class RoleMachine:
     def _on_timer(self, now: float) -> None:
         for session in list(self._sessions.values()):
             silent_for = now - session.last_heard_at
-            if silent_for >= self.settings.dead_time:
+            # Compare with the very deadline next_deadline() gave: the difference
+            # can round to just under dead_time and the driver would spin.
+            if now >= session.last_heard_at + self.settings.dead_time:
                 self._out.add(Close(conn=session.conn))
                 self._on_closed(now, session.conn, f"peer silent for {silent_for:.2f} s")
             elif now >= session.next_heartbeat_at:
                 self._send_heartbeat(session, now)
+        if self._takeover_until is not None and now >= self._takeover_until:
+            self._takeover_until = None
         if self._grace_until is not None and now >= self._grace_until:
             self._grace_until = None
             if not self._sessions and self._phase is _Phase.NORMAL:
@@ -455,7 +484,11 @@ class RoleMachine:
         me, peer = self._state(), session.peer
         if self._role in ("starting", "secondary"):
             if peer.role == "primary":
+                if not peer.handing_over:
+                    self._takeover_until = None  # the peer took the role
                 self._follow(now, session)
+            elif self._takeover_until is not None:
+                pass  # the peer is taking the role from our Handover
             elif not peer.handing_over and rules.elected(me, peer):
                 self._promote(now, f"elected: {peer.name} is {peer.role}", kind="startup")
         elif self._role == "primary":
@@ -528,6 +561,12 @@ class RoleMachine:
         else:
             level = "info" if session is not None and session.peer_stopping else "warning"
             self._alert("peer_lost", f"{name} lost: {reason}", level=level)
+            if session is not None and now - session.opened_at >= self.settings.probe_interval:
+                # A peer known for a while is gone: look for it at once, it may have
+                # taken over while this node could not hear it (a hang, a partition)
+                # and this node's sentinels must not run beside its own for long.
+                # A connection that dies young waits a probe interval: no storm.
+                self._next_probe_at = now
 
     # ------------------------------------------------------------------ moves
 
@@ -544,6 +583,7 @@ class RoleMachine:
         self._epoch += 1
         self._role = "primary"
         self._had_primary = False
+        self._takeover_until = None
         if sentinels is not None:
             self._sentinels = tuple(sorted(set(sentinels)))
         self._next_probe_at = now + self.settings.probe_interval
@@ -554,8 +594,7 @@ class RoleMachine:
             level="warning" if kind == "takeover" else "info",
             details={"how": kind, "reason": reason},
         )
-        self._sentinels_wanted = True
-        self._out.add(StartSentinels(names=self._sentinels, epoch=self._epoch))
+        self._start_sentinels(self._sentinels)
         self._broadcast(now)
 
     def _begin_handover(self, now: float, conn: ConnId, reason: HandoverReason) -> None:
@@ -585,6 +624,7 @@ class RoleMachine:
         self._phase = _Phase.NORMAL
         self._role = "secondary"
         self._had_primary = True  # the peer is primary from the moment it reads this
+        self._takeover_until = now + self.settings.dead_time
         self._persist()
         self._alert("demoted", f"secondary: handed over ({handover.reason})")
         self._broadcast(now)
@@ -605,10 +645,13 @@ class RoleMachine:
             f"{session.peer.name} lost during {handover.reason}; staying primary",
             level="warning",
         )
-        self._sentinels_wanted = True
-        self._out.add(StartSentinels(names=self._sentinels, epoch=self._epoch))
+        self._start_sentinels(self._sentinels)
         if not self._sessions:
             self._next_probe_at = now + self.settings.probe_interval
+
+    def _run_final_cycle(self, handover: _Handover) -> None:
+        handover.cycles_pending += 1
+        self._out.add(RunFinalCycle(conn=handover.conn))
 
     def _exit(self) -> None:
         self._phase = _Phase.EXITED
@@ -616,8 +659,23 @@ class RoleMachine:
         self._alert("stopped", "stopped")
         self._out.add(Exit())
 
+    def _start_sentinels(self, names: tuple[str, ...]) -> None:
+        self._sentinels_wanted = True
+        if self._stopping_all:
+            # The controller works in order: a start queued behind a stop would
+            # run them again right after it, even if a newer stop is on its way
+            # (a yield to a peer that came back). AllStopped starts them instead.
+            return
+        self._out.add(StartSentinels(names=names, epoch=self._epoch))
+
     def _stop_all(self) -> None:
         self._sentinels_wanted = False
+        if self._stopping_all:
+            # Nothing was started since that StopAll (starts wait for it), so its
+            # AllStopped already means what this one would. One at a time also
+            # keeps a flapping peer from queueing stop after slow stop.
+            return
+        self._stopping_all = True
         self._out.add(StopAll())
 
     def _connect(self) -> None:
@@ -635,10 +693,18 @@ class RoleMachine:
         if len(self._sessions) < 2:
             return
         keep = min(self._sessions.values(), key=_Session.preference)
+        keep.peer = self._fresher(keep.peer)
         for s in list(self._sessions.values()):
             if s is not keep:
                 del self._sessions[s.conn]
                 self._out.add(Close(conn=s.conn, goodbye=Goodbye(reason="duplicate")))
+        handover = self._handover
+        if handover is not None and handover.conn not in self._sessions:
+            # Hand over on the connection both nodes keep; the dropped one will
+            # never carry the final cycle or the Handover.
+            handover.conn = keep.conn
+            if handover.stage == "final_cycle":
+                self._run_final_cycle(handover)
 
     # ------------------------------------------------------------------ helpers
 
@@ -650,6 +716,18 @@ class RoleMachine:
             and self._grace_until is None
             and self._role in ("starting", "primary", "secondary")
         )
+
+    def _fresher(self, state: NodeState) -> NodeState:
+        """``state`` from a Hello, or the peer's state last heard if that is later news.
+
+        A Hello is taken when the connection is made, before the peer's machine
+        sees it: the peer may have moved on meanwhile and said so on another
+        connection. Its epoch never goes back, so a higher one is the later news.
+        """
+        known = self._last_peer
+        if known is not None and known.node_id == state.node_id and known.epoch > state.epoch:
+            return known
+        return state
 
     def _preferred(self) -> _Session | None:
         if not self._sessions:

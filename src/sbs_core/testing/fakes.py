@@ -9,8 +9,8 @@ not only *what* runs but *in which order* things were started and stopped.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
@@ -22,22 +22,31 @@ __all__ = ("ControllerCall", "FakeController", "FakeStore")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ControllerCall:
-    """One call that changed what runs; ``names`` is what it actually started or stopped."""
+    """One call that changed what runs; ``names`` is what it actually started or stopped.
+
+    ``at`` is the controller's clock reading, when it was given one.
+    """
 
     op: Literal["start_application", "stop_application", "start", "stop", "kill"]
     names: tuple[str, ...] = ()
     epoch: int | None = None
+    at: float | None = None
 
 
 class FakeController:
     """Runs nothing, remembers everything; repeated calls change nothing, as the protocol says.
 
     ``known``: the sentinel names the configuration defines; ``None`` accepts any name.
+    ``clock``: stamps each recorded call (a :class:`~sbs_core.testing.VirtualClock`
+    fits), so a test can tell which of two controllers stopped before the other started.
     """
 
-    def __init__(self, known: Collection[str] | None = None) -> None:
+    def __init__(
+        self, known: Collection[str] | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
         self.known = frozenset(known) if known is not None else None
         self.calls: list[ControllerCall] = []
+        self._clock = clock
         self._application_epoch: int | None = None
         self._sentinels: dict[str, int] = {}
 
@@ -70,12 +79,12 @@ class FakeController:
     def start_application_nowait(self, *, epoch: int) -> None:
         if self._application_epoch is None:
             self._application_epoch = epoch
-            self.calls.append(ControllerCall(op="start_application", epoch=epoch))
+            self._record(ControllerCall(op="start_application", epoch=epoch))
 
     def stop_application_nowait(self) -> None:
         if self._application_epoch is not None:
             self._application_epoch = None
-            self.calls.append(ControllerCall(op="stop_application"))
+            self._record(ControllerCall(op="stop_application"))
 
     def start_sentinels_nowait(self, names: Sequence[str], *, epoch: int) -> None:
         unknown = sorted(set(names) - self.known) if self.known is not None else []
@@ -85,7 +94,7 @@ class FakeController:
         for name in started:
             self._sentinels[name] = epoch
         if started:
-            self.calls.append(ControllerCall(op="start", names=started, epoch=epoch))
+            self._record(ControllerCall(op="start", names=started, epoch=epoch))
 
     def stop_sentinels_nowait(self, names: Iterable[str] | None = None) -> None:
         wanted = self._sentinels.keys() if names is None else set(names)
@@ -93,14 +102,19 @@ class FakeController:
         for name in stopped:
             del self._sentinels[name]
         if stopped:
-            self.calls.append(ControllerCall(op="stop", names=stopped))
+            self._record(ControllerCall(op="stop", names=stopped))
 
     def kill(self) -> None:
         """Everything dies at once, as when the node's process is killed."""
         if self.active:
-            self.calls.append(ControllerCall(op="kill", names=tuple(sorted(self._sentinels))))
+            self._record(ControllerCall(op="kill", names=tuple(sorted(self._sentinels))))
         self._sentinels.clear()
         self._application_epoch = None
+
+    def _record(self, call: ControllerCall) -> None:
+        if self._clock is not None:
+            call = replace(call, at=self._clock())
+        self.calls.append(call)
 
     # ------------------------------------------------------------------ ServiceController
 
