@@ -201,6 +201,7 @@ class SyncEngine:
         self._state_dir = config.node.state_dir
         self._index: HashIndex | None = None
         self._local: dict[tuple[str, str], _Local] = {}
+        self._bases: dict[tuple[str, str], str] = {}  # bases written by this run
         self._tg: TaskGroup | None = None
         self._sender: _SenderSession | None = None
         self._receiver: _ReceiverSession | None = None
@@ -647,10 +648,16 @@ class SyncEngine:
     def _set_bases(
         self, agreed: Sequence[tuple[str, str, str]], forgotten: Sequence[tuple[str, str]]
     ) -> None:
-        if agreed:
-            self.index.put_many((_BASE + r, p, 0, 0, 0, d) for r, p, d in agreed)
+        # Every full scan re-agrees on every unchanged file: write only what is new,
+        # or an idle pair would rewrite its whole index every period.
+        new = [(r, p, d) for r, p, d in agreed if self._bases.get((r, p)) != d]
+        if new:
+            self.index.put_many((_BASE + r, p, 0, 0, 0, d) for r, p, d in new)
+            self._bases.update(((r, p), d) for r, p, d in new)
         if forgotten:
             self.index.delete_many((_BASE + r, p) for r, p in forgotten)
+            for key in forgotten:
+                self._bases.pop(key, None)
 
     def local_digest(self, root_id: str, path: str, full: Path) -> str | None:
         """The digest of this node's file now (cached by stat), or None when there is none."""
