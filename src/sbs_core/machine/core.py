@@ -617,7 +617,8 @@ class RoleMachine:
         )
         if handover.reason == "stopping":
             for s in self._sessions.values():
-                self._out.add(Close(conn=s.conn))
+                # Said, so that the peer reports our leaving as planned, not as a loss.
+                self._out.add(Close(conn=s.conn, goodbye=Goodbye(reason="stopping")))
             self._sessions.clear()
             self._exit()
             return
