@@ -152,7 +152,12 @@ def test_simultaneous_start_ends_with_one_primary(tmp_path: Path) -> None:
             began = time.monotonic()
             pair.a.start()
             pair.b.start()
-            assert time.monotonic() - began < 0.05
+            launched = time.monotonic() - began
+            # Two launches are ~10 ms apart on a quiet machine and can take far longer
+            # on a loaded one; what matters is how close the *nodes* start (reported
+            # below, ~0.2 s apart from interpreter jitter), so this only guards the
+            # harness against a launch that was not simultaneous at all.
+            assert launched < 0.5
 
             primary, secondary, settled_at = settle(pair, timeout=15)
             # Measured from the moment both nodes were up (their status says when
@@ -162,7 +167,8 @@ def test_simultaneous_start_ends_with_one_primary(tmp_path: Path) -> None:
             assert len(up) == 2
             took = settled_at - max(up)
             report(
-                f"simultaneous start #{attempt}: both up ({abs(up[0] - up[1]):.3f} s apart)"
+                f"simultaneous start #{attempt}: launched {launched:.3f} s apart, both up"
+                f" ({abs(up[0] - up[1]):.3f} s apart)"
                 f" -> one primary ({primary})",
                 took,
             )
