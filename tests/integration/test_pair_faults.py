@@ -137,17 +137,10 @@ def test_sigstop_failover_and_the_stale_primary_steps_down(tmp_path: Path) -> No
         assert [(r["pid"], r["stop"]) for r in after] == [(r["pid"], None) for r in b_runs]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "machine: a primary that loses its peer waits a whole probe_interval before "
-        "probing again, so a primary resumed after a hang keeps its sentinels running "
-        "beside the new primary's until the next probe of either node, not ~1 heartbeat"
-    ),
-)
 def test_resumed_primary_stops_its_sentinels_within_a_heartbeat(tmp_path: Path) -> None:
-    # A long probe interval makes the wait visible; nothing else depends on it here.
-    probe = 2.0
+    # A long probe interval: a resumed primary that waited for its next probe would
+    # show it, so only looking for the peer at once can pass (the machine does).
+    probe = 3.0
     with marker_pair(tmp_path / "pair", probe_interval=probe) as pair:
         start_in_order(pair)
         pair.a.hang()
@@ -170,5 +163,6 @@ def test_resumed_primary_stops_its_sentinels_within_a_heartbeat(tmp_path: Path) 
         )
         overlap = max(r["stop"] for r in runs_on(runs, "a")) - resumed_at
         report("SIGSTOP, probe 2 s: resume -> a's last sentinel stopped", overlap)
-        # One heartbeat interval to notice, plus 0.3 s to connect, yield and stop.
-        assert overlap <= HEARTBEAT + 0.3
+        # One heartbeat interval to notice, plus 0.5 s to connect, yield and stop on a
+        # loaded machine (0.01-0.05 s seen on a quiet one).
+        assert overlap <= HEARTBEAT + 0.5
