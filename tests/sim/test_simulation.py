@@ -7,14 +7,17 @@ import random
 import anyio
 import pytest
 
+from sbs_core.alerts.events import AlertEvent
+from sbs_core.alerts.notifier import AlertPublisher
 from sbs_core.controller import ServiceController
 from sbs_core.errors import ControlError, UnknownSentinelError
-from sbs_core.machine import PersistedState
+from sbs_core.machine import Alert, PersistedState
 from sbs_core.messages import Goodbye, Message
 from sbs_core.testing import (
     ControllerCall,
     FakeController,
     FakeNetwork,
+    FakeNotifier,
     FakeStore,
     InvariantViolation,
     NodeConfig,
@@ -179,6 +182,18 @@ def test_the_fake_controller_is_a_service_controller() -> None:
         ControllerCall(op="stop_application", at=7),
     ]
     assert not fake.active
+
+
+def test_the_fake_notifier_is_an_alert_publisher() -> None:
+    fake = FakeNotifier()
+    publisher: AlertPublisher = fake
+    alert = Alert(kind="promoted", message="primary (epoch 2)", level="warning")
+    event = AlertEvent.from_alert(
+        alert, node_name="a", node_address="10.0.0.1", role="primary", epoch=2, at=0.0
+    )
+    publisher.publish(event)
+    assert fake.events == [event]
+    assert fake.kinds() == ["promoted"]
 
 
 def test_the_fake_store_keeps_every_state_saved() -> None:

@@ -20,7 +20,15 @@ Roles and how a node moves between them::
 
 Handing over is always: stop every sentinel, run the final replication cycle
 towards the peer, send ``Handover``; only then does the peer start them. The
-rules that decide who should be primary are in :mod:`sbs_core.machine.rules`.
+node that handed over then waits, up to dead_time, for the peer to say it is
+primary, taking neither an older state of the peer nor a crossing ``Handover``
+as a reason to be primary again. The rules that decide who should be primary
+are in :mod:`sbs_core.machine.rules`.
+
+What the machine assumes of its driver: actions are carried out in order, the
+controller ones (``StartSentinels``, ``StopSentinels``, ``StopAll``) one after
+the other; each ``StopAll`` and ``RunFinalCycle`` is answered once. The machine
+keeps at most one ``StopAll`` under way and starts nothing until it is answered.
 """
 
 from __future__ import annotations
@@ -170,6 +178,7 @@ class RoleMachine:
         self._sessions: dict[ConnId, _Session] = {}
         self._connecting = False
         self._next_probe_at = 0.0
+        self._quick_probe_at = float("-inf")
         self._grace_until: float | None = None
         # Set when this node handed the role to the peer, until the peer says it
         # is primary: a state the peer announced earlier (on this or another
@@ -561,11 +570,12 @@ class RoleMachine:
         else:
             level = "info" if session is not None and session.peer_stopping else "warning"
             self._alert("peer_lost", f"{name} lost: {reason}", level=level)
-            if session is not None and now - session.opened_at >= self.settings.probe_interval:
-                # A peer known for a while is gone: look for it at once, it may have
-                # taken over while this node could not hear it (a hang, a partition)
-                # and this node's sentinels must not run beside its own for long.
-                # A connection that dies young waits a probe interval: no storm.
+            if now - self._quick_probe_at >= self.settings.probe_interval:
+                # Look for the peer at once: it may have taken over while this node
+                # could not hear it (a hang, a partition), and this node's sentinels
+                # must not run beside its own for a whole probe interval. At most
+                # once per probe interval, so a flapping link causes no storm.
+                self._quick_probe_at = now
                 self._next_probe_at = now
 
     # ------------------------------------------------------------------ moves

@@ -16,8 +16,8 @@ crash, hang, stop and restart nodes and partition the network::
 A failure message starts with the seed and ends with the trace of the run.
 """
 
-from sbs_core.testing.clock import Timeline, VirtualClock
-from sbs_core.testing.fakes import ControllerCall, FakeController, FakeStore
+from sbs_core.testing.clock import ScheduledCall, Timeline, VirtualClock
+from sbs_core.testing.fakes import ControllerCall, FakeController, FakeNotifier, FakeStore
 from sbs_core.testing.network import FakeNetwork, Link
 from sbs_core.testing.simulation import (
     NODE_IDS,
@@ -35,10 +35,12 @@ __all__ = (
     "ControllerCall",
     "FakeController",
     "FakeNetwork",
+    "FakeNotifier",
     "FakeStore",
     "InvariantViolation",
     "Link",
     "NodeConfig",
+    "ScheduledCall",
     "SentinelStart",
     "SimNode",
     "Simulation",

@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ("Timeline", "VirtualClock")
+__all__ = ("ScheduledCall", "Timeline", "VirtualClock")
 
 
 class VirtualClock:
@@ -47,7 +47,9 @@ class VirtualClock:
 
 
 @dataclass(order=True, slots=True)
-class _Entry:
+class ScheduledCall:
+    """A callback on a :class:`Timeline`; :meth:`cancel` keeps it from running."""
+
     at: float
     seq: int
     callback: Callable[[], None] = field(compare=False)
@@ -66,17 +68,17 @@ class Timeline:
 
     def __init__(self, clock: VirtualClock) -> None:
         self.clock = clock
-        self._heap: list[_Entry] = []
+        self._heap: list[ScheduledCall] = []
         self._seq = 0
 
-    def call_at(self, at: float, callback: Callable[[], None]) -> _Entry:
+    def call_at(self, at: float, callback: Callable[[], None]) -> ScheduledCall:
         """Run ``callback`` at ``at`` (at the current time if ``at`` is past)."""
         self._seq += 1
-        entry = _Entry(max(at, self.clock.now), self._seq, callback)
+        entry = ScheduledCall(max(at, self.clock.now), self._seq, callback)
         heapq.heappush(self._heap, entry)
         return entry
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Entry:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> ScheduledCall:
         return self.call_at(self.clock.now + delay, callback)
 
     def next_at(self) -> float | None:

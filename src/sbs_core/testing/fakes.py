@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
+from sbs_core.alerts.events import AlertEvent
 from sbs_core.errors import UnknownSentinelError
 from sbs_core.machine import PersistedState
 
-__all__ = ("ControllerCall", "FakeController", "FakeStore")
+__all__ = ("ControllerCall", "FakeController", "FakeNotifier", "FakeStore")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,3 +153,16 @@ class FakeStore:
     def save(self, state: PersistedState) -> None:
         self._state = state
         self.history.append(state)
+
+
+class FakeNotifier:
+    """Takes the place of the notifier: keeps every alert event published, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[AlertEvent] = []
+
+    def publish(self, event: AlertEvent) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]

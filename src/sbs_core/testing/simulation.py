@@ -26,6 +26,15 @@ the trace. What each fault means:
     A new machine from the persisted state, then ``Started``.
 ``partition`` / ``heal``
     Cuts both directions; nothing is lost (see the network module).
+
+Connections behave as the driver's do over TCP. ``Connect`` to a node whose
+process is down is refused after one round trip; to a hung node, or across a
+partition that does not heal in time, it fails after ``connect_timeout``. The
+responder speaks first: its machine's Hello reaches the initiator, whose
+machine gets ``PeerConnected`` two latencies after ``Connect`` and answers with
+its own Hello, which gives the responder's machine its ``PeerConnected`` one
+latency later. Each Hello is taken when it is sent, so it can be older than what
+its machine says next, as with the real driver.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from sbs_core.machine import (
     TimerFired,
 )
 from sbs_core.messages import Goodbye, Handover, Heartbeat, Hello, Message, Mode, NodeState, Role
-from sbs_core.testing.clock import Timeline, VirtualClock, _Entry
+from sbs_core.testing.clock import ScheduledCall, Timeline, VirtualClock
 from sbs_core.testing.fakes import FakeController, FakeStore
 from sbs_core.testing.network import (
     DataArrived,
@@ -100,7 +109,8 @@ _TRACE_SHOWN: Final = 80
 
 
 class SimulationError(SbsError, RuntimeError):
-    """The simulation was misused, or a machine raised; the message has the seed and trace."""
+    """A fault that cannot apply now, or a machine that raised or spun (then with the
+    seed and the trace)."""
 
 
 class InvariantViolation(SbsError, AssertionError):
@@ -160,7 +170,7 @@ class _End:
     conn: ConnId | None = None
     established: bool = False  # the machine got PeerConnected for it
     open: bool = True
-    timeout: _Entry | None = None
+    timeout: ScheduledCall | None = None
 
 
 class SimNode:
@@ -184,7 +194,7 @@ class SimNode:
         self._ends: dict[int, _End] = {}  # open ends, by link id
         self._by_conn: dict[ConnId, _End] = {}  # every end of this incarnation
         self._next_conn = 0
-        self._timer: _Entry | None = None
+        self._timer: ScheduledCall | None = None
         self._wakes_at_now = 0
         self._controller_busy = False
         self._controller_queue: deque[Action] = deque()
