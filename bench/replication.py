@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sbs_core.lab import NodeProcess, Pair, is_primary
 from sbs_core.sync.engine import CHUNK, WINDOW
+from sbs_core.sync.paths import TEMP_PREFIX
 
 SEED = 20251125
 KIB = 1024
@@ -59,7 +60,6 @@ DEAD_TIME = 1.0
 # The steady state runs on the configuration's defaults, as deployed.
 DEFAULT_HEARTBEAT = (1.0, 3.0)
 FOLDERS = '\n[[folders]]\npath = "data"\n'
-TEMP_PREFIX = ".sbs-tmp-"
 # Status requests go through the node's own event loop: poll often enough for
 # a fine figure, not so often that the polling itself slows the node down.
 CONNECT_POLL = 0.01
@@ -224,22 +224,26 @@ def empty_folder(folder: Path) -> None:
 # ---------------------------------------------------------------------- processes
 
 
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid``."""
+def _stat_times(pid: int) -> list[float]:
+    """utime, stime, cutime, cstime of ``pid`` in seconds."""
     text = Path(f"/proc/{pid}/stat").read_text()
+    # The fields after the command name (which may hold spaces and parentheses):
+    # the four times are the 12th to the 15th.
     fields = text[text.rindex(")") + 2 :].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return [int(f) / tick for f in fields[11:15]]
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` itself."""
+    user, system, _, _ = _stat_times(pid)
+    return user, system
 
 
 def proc_cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """CPU seconds of ``pid`` (user + system); with ``children``, those of its reaped children."""
-    # Fields after the command name (which may hold spaces): utime and stime
-    # are the 12th and 13th, cutime and cstime the 14th and 15th.
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    ticks = int(fields[13]) + int(fields[14]) if children else int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid``; with ``children``, those of the children it has reaped."""
+    user, system, child_user, child_system = _stat_times(pid)
+    return child_user + child_system if children else user + system
 
 
 def has_children(pid: int) -> bool:
@@ -387,7 +391,6 @@ class SyncRun:
     silence_b: float
     takeover: str | None
     first_cycle: float | None
-    after_cycle: float | None
     # CPU seconds of each node from b's connection until it was done
     cpu_a_user: float
     cpu_a_sys: float
@@ -445,18 +448,14 @@ def status_of(node: NodeProcess) -> dict[str, Any]:
     return st
 
 
-def logged_cycle(node: NodeProcess) -> tuple[float, float] | None:
-    """(wall time the first cycle that sent files ended, its duration) from the sender's log."""
+def logged_cycle(node: NodeProcess) -> float | None:
+    """How long the first cycle that sent files took, from the sender's log."""
     try:
         text = node.log.read_text(errors="replace")
     except OSError:
         return None
-    for line in text.splitlines():
-        found = re.search(r"sbs\.sync: cycle \d+: sent [1-9]\d* files .* in ([\d.]+) s$", line)
-        if found:
-            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            return stamp.timestamp(), float(found.group(1))
-    return None
+    found = re.search(r"sbs\.sync: cycle \d+: sent [1-9]\d* files .* in ([\d.]+) s$", text, re.M)
+    return float(found.group(1)) if found else None
 
 
 def node_roles(pair: Pair) -> tuple[tuple[str, int], tuple[str, int]]:
@@ -510,7 +509,6 @@ class PairRun:
         """Start b and wait until its folder holds the data set; the timings and readings."""
         a, b = self.pair.a, self.pair.b
         before_a = status_of(a)
-        began_wall = time.time()
         began = time.monotonic()
         b.start()
         seen: dict[str, Any] = {}
@@ -552,7 +550,6 @@ class PairRun:
         while cycle is None and time.monotonic() < deadline and a.alive:
             time.sleep(DONE_POLL)
             cycle = logged_cycle(a)
-        done_wall = began_wall + (done - began)
         return SyncRun(
             from_start=done - began,
             from_connected=done - joined,
@@ -562,11 +559,7 @@ class PairRun:
             silence_a=float((after_a.get("peer") or {}).get("longest_silence") or 0.0),
             silence_b=float((after_b.get("peer") or {}).get("longest_silence") or 0.0),
             takeover=takeover,
-            first_cycle=cycle[1] if cycle else None,
-            # From the end of a's cycle (logged after b's CycleAck) to the
-            # moment this process saw b done: negative when b's files were in
-            # place before the sender learnt it.
-            after_cycle=(done_wall - cycle[0]) if cycle else None,
+            first_cycle=cycle,
             cpu_a_user=split["a"][0],
             cpu_a_sys=split["a"][1],
             cpu_b_user=split["b"][0],
