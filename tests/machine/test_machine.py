@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sbs_core.errors import NotPrimaryError
 from sbs_core.machine import (
@@ -34,6 +36,7 @@ from sbs_core.machine import (
     StartSentinels,
     StopAll,
     TimerFired,
+    rules,
 )
 from sbs_core.messages import Goodbye, Handover, Heartbeat, Hello, Mode, NodeState, Role
 from sbs_core.testing import NodeConfig, Simulation
@@ -79,13 +82,6 @@ def never_both_active(sim: Simulation) -> None:
 
 def kinds(alerts: list[Alert]) -> list[str]:
     return [a.kind for a in alerts]
-
-
-def first_start_at(sim: Simulation, node: str) -> float:
-    starts = [c.at for c in sim.node(node).controller.calls if c.op == "start_application"]
-    assert starts, f"{node} never started anything"
-    assert starts[0] is not None
-    return starts[0]
 
 
 def first_start_after(sim: Simulation, node: str, since: float) -> float:
@@ -216,7 +212,7 @@ def test_a_planned_stop_hands_over_at_once() -> None:
     assert sim.now - asked_at < 0.5 < DEAD  # no waiting for a timeout
     sim.run_until(lambda: sim.node(A).process == "down", timeout=1)
     assert sim.role(A) == "stopped"
-    assert last_stop_at(sim, A) <= first_start_at(sim, B)
+    assert last_stop_at(sim, A) <= first_start_after(sim, B, 0.0)
     assert sim.running(B) == frozenset(SENTINELS)
     trace = "\n".join(sim.trace)
     assert trace.index("RunFinalCycle") < trace.index("handover(stopping")
@@ -696,3 +692,24 @@ def test_a_primary_that_loses_its_peer_looks_for_it_at_once_but_not_in_a_loop() 
     again = m.handle(ConnectionClosed(now=1.4, conn=2, reason="reset"))
     assert Connect() not in again  # flapping: the next probe waits its interval
     assert m.next_deadline() == 1.4 + PROBE
+
+
+# ---------------------------------------------------------------------- the rules
+
+modes = st.sampled_from(["auto", "primary", "backup"])
+
+
+@given(mode_a=modes, mode_b=modes, epoch_a=st.integers(0, 3), epoch_b=st.integers(0, 3))
+def test_the_rules_always_pick_exactly_one_side(
+    mode_a: Mode, mode_b: Mode, epoch_a: int, epoch_b: int
+) -> None:
+    a, b = state(A, "primary", epoch_a, mode_a), state(B, "primary", epoch_b, mode_b)
+    assert rules.survives_split_brain(a, b) != rules.survives_split_brain(b, a)
+    if epoch_a != epoch_b:
+        assert rules.survives_split_brain(a, b) == (epoch_a > epoch_b)
+    a, b = state(A, "starting", epoch_a, mode_a), state(B, "starting", epoch_b, mode_b)
+    if mode_a == mode_b == "backup":
+        assert not rules.elected(a, b)
+        assert not rules.elected(b, a)
+    else:
+        assert rules.elected(a, b) != rules.elected(b, a)
