@@ -1072,8 +1072,9 @@ def revision() -> str:
             timeout=10,
             check=False,
         ).stdout.strip()
+        # Only the code counts: this very file's Markdown output may be pending.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"],
             check=False,
             capture_output=True,
             text=True,
@@ -1160,8 +1161,15 @@ def section(
     return "\n".join(lines).rstrip() + "\n"
 
 
+ANALYSIS_HEADING = "### Analysis"
+
+
 def write_section(path: Path, text: str) -> None:
-    """Replace the ``## Replication`` section of ``path`` (up to the next ``## ``), or add it."""
+    """Replace the ``## Replication`` section of ``path`` (up to the next ``## ``), or add it.
+
+    A hand-written ``### Analysis`` subsection at the end of the old section is
+    kept: profiles are not rerun with the figures, and it says which run it read.
+    """
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = old.splitlines(keepends=True)
     start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Replication"), None)
@@ -1171,8 +1179,17 @@ def write_section(path: Path, text: str) -> None:
         end = next(
             (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
         )
+        analysis = next(
+            (i for i in range(start + 1, end) if lines[i].rstrip() == ANALYSIS_HEADING), end
+        )
+        kept = "".join(lines[analysis:end]).rstrip("\n")
         tail = "".join(lines[end:])
-        body = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
+        body = (
+            "".join(lines[:start])
+            + text
+            + ("\n" + kept + "\n" if kept else "")
+            + ("\n" + tail if tail else "")
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.replication.tmp")
     tmp.write_text(body, encoding="utf-8")
