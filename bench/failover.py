@@ -19,10 +19,7 @@ Usage: ``python bench/failover.py [--runs N] [--output docs/benchmarks.md]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
-import platform
 import random
 import shlex
 import shutil
@@ -36,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchdoc import interpreter, load_line, machine_line, replace_section, revision
 
 from sbs_core.lab import NodeProcess, Pair, is_primary, marker_sentinel, read_markers
 
@@ -504,56 +503,6 @@ def _scenario_notes(sc: Scenario) -> None:
         )
 
 
-def machine_line() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cpus = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    return (
-        f"{usable} CPUs usable ({cpus} online{', ' + cpu if cpu else ''}), "
-        f"Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"{platform.platform()}"
-    )
-
-
-def code_line() -> str:
-    """The commit measured, and whether the working tree differed from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "code: unknown commit"
-    return f"code: commit {head}" + (" with uncommitted changes" if dirty else "")
-
-
-def load_line() -> str:
-    # The nodes' start-up is CPU-bound (imports): other work on the machine
-    # shows in the figures, so the load is part of the record.
-    if not hasattr(os, "getloadavg"):
-        return "load average unknown"
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
-
-
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -656,32 +605,6 @@ def section(scenarios: Sequence[Scenario], command: str, measured: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the ``## Failover`` section of ``path`` (up to the next ``## ``), or add it."""
-    old = path.read_text(encoding="utf-8") if path.exists() else INTRO
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Failover"), None)
-    if start is None:
-        body = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        body = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _interpreter() -> str:
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        return str(exe.relative_to(Path.cwd()))
-    return "python"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=7, help="runs per scenario (at least 5)")
@@ -700,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 5:
         parser.error("--runs must be at least 5")
 
-    command = shlex.join([_interpreter(), sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join([interpreter(), sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     machine = machine_line()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -708,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, flush=True)
 
     load_before = load_line()
-    code = code_line()
+    code = revision()
     say(f"machine: {machine}; {load_before}")
     say(code)
     say(f"command: {command}")
@@ -722,9 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in report(scenarios):
         say(line)
     if args.output is not None:
-        write_section(
+        replace_section(
             args.output,
+            "## Failover",
             section(scenarios, command, f"Measured {when} on {machine}; {load}; {code}."),
+            intro=INTRO,
         )
         say(f"wrote the '## Failover' section of {args.output}")
     failed = any(sc.failures for sc in scenarios)

@@ -25,7 +25,6 @@ import datetime
 import hashlib
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -45,9 +44,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchdoc import interpreter, load_line, machine_line, replace_section, revision
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from sbs_core.lab import NodeProcess, Pair, is_primary
+from sbs_core.lab import NodeProcess, Pair, free_port, is_primary
 from sbs_core.sync.engine import CHUNK, WINDOW
 from sbs_core.sync.paths import TEMP_PREFIX
 
@@ -282,7 +282,7 @@ class RsyncDaemon:
         self.dst = work / "rsync-dst"
         self.dst.mkdir()
         self.log = work / "rsyncd.log"
-        self.port = free_tcp_port()
+        self.port = free_port("127.0.0.1")
         conf = work / "rsyncd.conf"
         ids = "    uid = root\n    gid = root\n" if os.geteuid() == 0 else ""
         conf.write_text(
@@ -351,12 +351,6 @@ class RsyncDaemon:
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- figures
@@ -1040,56 +1034,14 @@ def failures_of(results: dict[str, SetResult], steady: Steady | None) -> list[st
     return out
 
 
-def machine_line() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0))
+def rsync_version() -> str:
     try:
-        rsync = subprocess.run(
+        first = subprocess.run(
             ["rsync", "--version"], capture_output=True, text=True, timeout=10, check=False
         ).stdout.splitlines()[0]
-        rsync = " ".join(rsync.split()[:3])
     except (OSError, IndexError, subprocess.TimeoutExpired):
-        rsync = "rsync not found"
-    return (
-        f"{usable} CPUs usable ({os.cpu_count()} online{', ' + cpu if cpu else ''}), "
-        f"Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"kernel {platform.release()}, {rsync}"
-    )
-
-
-def revision() -> str:
-    """The code measured: a commit, and whether the working tree differed from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        # Only the code counts: this very file's Markdown output may be pending.
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "code revision unknown"
-    if not head:
-        return "code revision unknown"
-    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
-
-
-def load_line() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+        return "rsync not found"
+    return " ".join(first.split()[:3])
 
 
 def table(rows: Sequence[Row]) -> list[str]:
@@ -1164,48 +1116,6 @@ def section(
 ANALYSIS_HEADING = "### Analysis"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the ``## Replication`` section of ``path`` (up to the next ``## ``), or add it.
-
-    A hand-written ``### Analysis`` subsection at the end of the old section is
-    kept: profiles are not rerun with the figures, and it says which run it read.
-    """
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Replication"), None)
-    if start is None:
-        body = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        analysis = next(
-            (i for i in range(start + 1, end) if lines[i].rstrip() == ANALYSIS_HEADING), end
-        )
-        kept = "".join(lines[analysis:end]).rstrip("\n")
-        tail = "".join(lines[end:])
-        body = (
-            "".join(lines[:start])
-            + text
-            + ("\n" + kept + "\n" if kept else "")
-            + ("\n" + tail if tail else "")
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.replication.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(path)
-
-
-# ---------------------------------------------------------------------- driver
-
-
-def _interpreter() -> str:
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        return str(exe.relative_to(Path.cwd()))
-    return "python"
-
-
 def _on_term(signum: int, frame: FrameType | None) -> None:
     # Turns a polite kill into an exception, so every cleanup below still runs.
     raise SystemExit(128 + signum)
@@ -1236,8 +1146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("rsync") is None:
         parser.error("rsync is not installed")
 
-    command = shlex.join([_interpreter(), sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_line()
+    command = shlex.join([interpreter(), sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    machine = machine_line(rsync_version())
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     def say(text: str) -> None:
@@ -1286,7 +1196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs=args.runs,
             pause=args.pause,
         )
-        write_section(args.output, text)
+        replace_section(
+            args.output, "## Replication", text, intro="# Benchmarks\n", keep=ANALYSIS_HEADING
+        )
         say(f"wrote the '## Replication' section of {args.output}")
     unmet = any(r.met is False for r in rows)
     return 1 if failures or unmet else 0
