@@ -104,8 +104,12 @@ class FileSync(Protocol):
 
     def detach(self) -> None: ...
 
-    async def final_cycle(self, conn: ConnId) -> None:
-        """Push every local change to the peer on ``conn`` before a handover."""
+    async def final_cycle(self, conn: ConnId, *, yielding: bool = False) -> None:
+        """Push every local change to the peer on ``conn`` before a handover.
+
+        ``yielding``: this node lost a split brain, so files changed on both nodes
+        stay the peer's and this node keeps its own copies aside.
+        """
         ...
 
     def on_message(self, conn: ConnId, message: SyncMessage) -> None: ...
@@ -357,9 +361,9 @@ class Node:
                     self._close(conn, goodbye)
                 case StartSentinels() | StopSentinels() | StopAll():
                     self._ctl_tx.send_nowait(action)
-                case RunFinalCycle(conn=conn):
+                case RunFinalCycle(conn=conn, reason=reason):
                     assert self._tg is not None
-                    self._tg.start_soon(self._final_cycle, conn)
+                    self._tg.start_soon(self._final_cycle, conn, reason == "yield")
                 case PersistState(epoch=epoch, role=role, sentinels=sentinels):
                     self._store.save(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
                 case Alert():
@@ -443,9 +447,9 @@ class Node:
             )
         return [n for n in names if n in self._known_sentinels]
 
-    async def _final_cycle(self, conn: ConnId) -> None:
+    async def _final_cycle(self, conn: ConnId, yielding: bool) -> None:
         try:
-            await self._sync.final_cycle(conn)
+            await self._sync.final_cycle(conn, yielding=yielding)
         except Exception as exc:  # any failure is reported; the handover goes on
             detail = f"{type(exc).__name__}: {exc}"
             self._post(lambda now: FinalCycleDone(now=now, ok=False, detail=detail))

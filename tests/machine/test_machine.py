@@ -543,6 +543,30 @@ def test_every_promotion_persists_its_epoch_before_starting_sentinels(
     assert only(actions, PersistState)[0].epoch == only(actions, StartSentinels)[0].epoch == 5
 
 
+@pytest.mark.parametrize(
+    ("promote", "how"),
+    [(_alone, "startup"), (_takeover, "takeover"), (_handover, "handover"), (_elected, "startup")],
+    ids=["alone", "takeover", "handover", "elected"],
+)
+def test_sentinels_are_started_saying_how_the_node_became_primary(
+    promote: Callable[[RoleMachine], list[Action]], how: str
+) -> None:
+    # A backup-only licence allows sentinels for a takeover, not at startup:
+    # the start says which it is, and so does the status, for that relay.
+    m = machine(A, epoch=4)
+    assert only(promote(m), StartSentinels)[0].how == how
+    assert m.status().promoted_how == how
+
+
+def test_a_node_that_yields_runs_its_final_cycle_as_the_loser() -> None:
+    m = primary_with_secondary()
+    m.handle(connected(2, hello(B, "primary", 5), now=2))
+    assert only(m.handle(AllStopped(now=2.1)), RunFinalCycle) == [
+        RunFinalCycle(conn=2, reason="yield")
+    ]
+    assert m.status().promoted_how == "startup"  # still primary until the handover
+
+
 def test_duplicate_connections_collapse_to_the_one_the_lower_id_opened() -> None:
     m = machine(B)
     m.handle(Started(now=0))
@@ -587,7 +611,7 @@ def test_only_one_stop_at_a_time_and_starts_wait_for_it() -> None:
     again = m.handle(connected(3, hello(B, "primary", 5), now=2.2))
     assert only(again, StopAll) == []
     answered = m.handle(AllStopped(now=2.3))
-    assert only(answered, RunFinalCycle) == [RunFinalCycle(conn=3)]
+    assert only(answered, RunFinalCycle) == [RunFinalCycle(conn=3, reason="yield")]
     assert only(answered, StartSentinels) == []
 
 
@@ -609,7 +633,7 @@ def test_a_handover_moves_to_the_connection_both_nodes_keep() -> None:
     m.handle(AllStopped(now=1.1))  # RunFinalCycle(conn=1)
     actions = m.handle(connected(2, hello(A, "primary", 3), now=1.2, initiated=False))
     assert only(actions, Close) == [Close(conn=1, goodbye=Goodbye(reason="duplicate"))]
-    assert only(actions, RunFinalCycle) == [RunFinalCycle(conn=2)]
+    assert only(actions, RunFinalCycle) == [RunFinalCycle(conn=2, reason="yield")]
     # The cycle on the dropped connection fails; only the one on conn 2 counts.
     assert only(m.handle(FinalCycleDone(now=1.3, ok=False)), Send) == []
     done = m.handle(FinalCycleDone(now=1.4, ok=True))

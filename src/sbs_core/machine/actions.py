@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sbs_core.machine.events import ConnId
-from sbs_core.messages import Goodbye, Message, Role
+from sbs_core.messages import Goodbye, HandoverReason, Message, Role
 
 __all__ = (
     "Action",
@@ -22,6 +22,7 @@ __all__ = (
     "Connect",
     "Exit",
     "PersistState",
+    "PromotionKind",
     "RunFinalCycle",
     "Send",
     "StartSentinels",
@@ -42,6 +43,9 @@ AlertKind = Literal[
     "stale",
     "replication_failed",
 ]
+
+PromotionKind = Literal["startup", "takeover", "handover"]
+"""How a node became primary: alone at startup or elected, from a lost peer, or handed over."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,10 +69,16 @@ class Close:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StartSentinels:
-    """Make sure the managed application runs, then start these sentinels with this epoch."""
+    """Make sure the managed application runs, then start these sentinels with this epoch.
+
+    ``how`` says how this node became primary for this relay (``startup``,
+    ``takeover`` or ``handover``): a policy such as a backup-only licence may
+    allow sentinels for a takeover only.
+    """
 
     names: tuple[str, ...]
     epoch: int
+    how: PromotionKind = "startup"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,9 +95,14 @@ class StopAll:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunFinalCycle:
-    """Push every local change to the peer on ``conn``; answer with ``FinalCycleDone``."""
+    """Push every local change to the peer on ``conn``; answer with ``FinalCycleDone``.
+
+    ``reason`` is why this node hands over: after a lost split brain (``yield``)
+    files changed on both nodes stay the peer's and this node keeps its copies aside.
+    """
 
     conn: ConnId
+    reason: HandoverReason = "stopping"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -47,6 +47,7 @@ from sbs_core.machine.actions import (
     Connect,
     Exit,
     PersistState,
+    PromotionKind,
     RunFinalCycle,
     Send,
     StartSentinels,
@@ -115,6 +116,7 @@ class MachineStatus:
     peer: NodeState | None
     handing_over: bool
     last_error: str | None
+    promoted_how: PromotionKind | None = None
 
 
 class _Phase(Enum):
@@ -194,6 +196,8 @@ class RoleMachine:
         # A StopAll is under way (at most one: see _stop_all and _start_sentinels).
         self._stopping_all = False
         self._last_error: str | None = None
+        # How this node became primary for the current relay (licence policy).
+        self._promoted_how: PromotionKind = "startup"
         self._last_refusal: str | None = None
         self._split_brain_alerted: set[ConnId] = set()
         # The peer's latest state heard on any connection (see _fresher).
@@ -223,6 +227,7 @@ class RoleMachine:
             peer=session.peer if session else None,
             handing_over=self._phase is _Phase.HANDING_OVER,
             last_error=self._last_error,
+            promoted_how=self._promoted_how if self._role == "primary" else None,
         )
 
     def hello(self) -> Hello:
@@ -586,12 +591,13 @@ class RoleMachine:
         reason: str,
         *,
         sentinels: tuple[str, ...] | None = None,
-        kind: Literal["startup", "takeover", "handover"],
+        kind: PromotionKind,
     ) -> None:
         for s in self._sessions.values():
             self._epoch = max(self._epoch, s.peer.epoch)
         self._epoch += 1
         self._role = "primary"
+        self._promoted_how = kind
         self._had_primary = False
         self._takeover_until = None
         if sentinels is not None:
@@ -662,7 +668,7 @@ class RoleMachine:
 
     def _run_final_cycle(self, handover: _Handover) -> None:
         handover.cycles_pending += 1
-        self._out.add(RunFinalCycle(conn=handover.conn))
+        self._out.add(RunFinalCycle(conn=handover.conn, reason=handover.reason))
 
     def _exit(self) -> None:
         self._phase = _Phase.EXITED
@@ -677,7 +683,7 @@ class RoleMachine:
             # run them again right after it, even if a newer stop is on its way
             # (a yield to a peer that came back). AllStopped starts them instead.
             return
-        self._out.add(StartSentinels(names=names, epoch=self._epoch))
+        self._out.add(StartSentinels(names=names, epoch=self._epoch, how=self._promoted_how))
 
     def _stop_all(self) -> None:
         self._sentinels_wanted = False
