@@ -333,7 +333,14 @@ class NodeConfig(_Section):
     """Peer port, the same on both nodes."""
 
     period: _Seconds = 30.0
-    """Seconds between two full replication cycles."""
+    """Seconds between two replication cycles: the update scripts run, then what
+    changed is sent. Changes seen by the file watcher are sent at once anyway."""
+
+    rescan_interval: _Seconds = 300.0
+    """Seconds between two full scans of the replicated folders while the file
+    watcher runs: the safety net for changes it missed. Without a watcher (it
+    failed) every cycle scans. Set it to ``period`` for folders on network shares
+    that other machines write to, whose changes no local watcher sees."""
 
     mode: Mode = "auto"
     """``auto``: the first node started is primary. ``primary``: always start as primary,

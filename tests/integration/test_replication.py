@@ -199,6 +199,43 @@ def test_add_modify_delete_each_reach_the_secondary_within_a_second(tmp_path: Pa
         assert st["held_deletes"] == 0
 
 
+def test_cycles_trust_the_watcher_and_rescan_only_at_the_rescan_interval(tmp_path: Path) -> None:
+    # A full scan of 20,000 files costs a third of a second of CPU: with a
+    # watcher running, each period's cycle sends what it saw, and scanning is
+    # the occasional safety net (node.rescan_interval).
+    period, rescan = 0.5, 6.0
+    with replica_pair(
+        tmp_path / "pair", node={"period": period, "rescan_interval": rescan}
+    ) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        write(src / "first.txt", b"first\n")
+        start_pair(pair)
+        wait_same_tree(src, dst, timeout=15)
+        time.sleep(2 * period)  # the scans of the start are over
+        before = status_of(pair.a)
+        scanned = before["last_scan_at"]
+        assert scanned is not None
+
+        write(src / "later.txt", b"seen by the watcher\n")
+        wait_until(
+            "later.txt on b",
+            lambda: has_bytes(dst / "later.txt", b"seen by the watcher\n"),
+            timeout=5,
+        )
+        time.sleep(4 * period)
+        after = status_of(pair.a)
+        assert after["last_sync_at"] > before["last_sync_at"] + 2 * period  # cycles went on
+        assert after["last_scan_at"] == scanned  # without scanning
+        assert after["last_sync_error"] is None
+
+        rescanned = wait_until(
+            "the safety-net scan",
+            lambda: status_of(pair.a)["last_scan_at"] > scanned,
+            timeout=rescan + 5,
+        )
+        report("the next full scan, after the one of the start", rescanned)
+
+
 # -- 3. strict or not
 
 

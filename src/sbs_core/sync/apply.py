@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
 from sbs_core.errors import LocalProtocolError, SbsError
@@ -146,7 +146,6 @@ class Incoming:
         size: int,
         mtime_ns: int,
         digest: str,
-        created: tuple[Path, ...],
     ) -> None:
         self.root_id = root_id
         self.path = path
@@ -157,7 +156,6 @@ class Incoming:
         self._applier = applier
         self._temp = temp
         self._file = file
-        self._created = created
         self._hasher = new_hasher()
         self._written = 0
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
@@ -297,13 +295,37 @@ class Applier:
                 )
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[Incoming] = weakref.WeakSet()
+        # Folders checked (and made) since the last commit: thousands of files
+        # of a batch share a few folders, and checking every folder of every
+        # path twice per file cost dozens of system calls a file. Each commit
+        # starts afresh, so its renames check every folder once more.
+        self._checked: dict[tuple[str, PurePosixPath], Path] = {}
+        self._made: set[Path] = set()
+        self._new_folders: list[Path] = []  # made since the last commit
 
     def target_of(self, root_id: str, path: str) -> Path:
         """The local file a wire path names; :class:`UnsafePathError` if it may not be used."""
         root = self.roots.get(root_id)
         if root is None:
             raise UnsafePathError.broken_rule(path, f"names the unknown folder {root_id!r}")
-        return resolve_inside(root, check_wire_path(path))
+        rel = check_wire_path(path)
+        key = (root_id, rel.parent)
+        parent = self._checked.get(key)
+        if parent is not None:
+            return parent / rel.name
+        target = resolve_inside(root, rel)
+        self._checked[key] = target.parent
+        return target
+
+    def _forget_checks(self, *, take_made: bool = False) -> list[Path]:
+        """Start afresh (see ``_checked``); with ``take_made``, the folders made meanwhile."""
+        with self._lock:
+            self._checked = {}
+            self._made = set()
+            made: list[Path] = []
+            if take_made:
+                made, self._new_folders = self._new_folders, []
+        return made
 
     def begin(self, root_id: str, path: str, *, size: int, mtime_ns: int, digest: str) -> Incoming:
         """Start receiving one file of ``size`` bytes whose content hash is ``digest``.
@@ -317,12 +339,19 @@ class Applier:
         if size < 0:
             raise ValueError(f"{path}: negative size {size}")
         target = self.target_of(root_id, path)
-        real_root = Path(os.path.realpath(self.roots[root_id]))
-        created = _make_root(real_root) + _make_folders_inside(real_root, target.parent, path)
+        created: tuple[Path, ...] = ()
+        fresh = target.parent not in self._made
+        if fresh:
+            real_root = Path(os.path.realpath(self.roots[root_id]))
+            created = _make_root(real_root) + _make_folders_inside(real_root, target.parent, path)
+            with self._lock:
+                self._made.add(target.parent)
+                self._new_folders.extend(created)
         temp = target.parent / _temp_name(target.name)
         fd = os.open(temp, _CREATE_FLAGS, 0o666)
         try:
-            _copy_mode(fd, target)
+            if not created:  # in a folder made just now there is nothing to replace
+                _copy_mode(fd, target)
             file = open(fd, "wb")  # noqa: SIM115 - closed by finish() or abort()
         except BaseException:
             os.close(fd)
@@ -338,7 +367,6 @@ class Applier:
             size=size,
             mtime_ns=mtime_ns,
             digest=digest,
-            created=created,
         )
         with self._lock:
             self._live.add(incoming)
@@ -353,6 +381,7 @@ class Applier:
         of one batch naming the same target apply in order, the last one wins.
         """
         self._check_batch(batch)
+        made = self._forget_checks(take_made=True)
         outcomes: list[Outcome | None] = [None] * len(batch)
         by_device: dict[int, list[int]] = {}
         for i, incoming in enumerate(batch):
@@ -380,9 +409,10 @@ class Applier:
             outcome = outcomes[i] = self._rename(incoming)
             if outcome.status == "applied":
                 folders.setdefault(incoming.target.parent, []).append(i)
-                for created in incoming._created:
-                    # A new folder's own name lives in its parent.
-                    folders.setdefault(created.parent, [])
+        for created in made:
+            # A new folder's own name lives in its parent.
+            folders.setdefault(created.parent, [])
+        self._forget_checks()  # the next batch checks its folders again
 
         if self.durable and not _WINDOWS:
             for folder, indexes in sorted(folders.items()):

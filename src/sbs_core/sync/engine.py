@@ -69,13 +69,15 @@ SMALL = 256 * 1024  # files up to this size are read whole and batched
 BATCH_BYTES = 1 << 20
 BATCH_FILES = 512
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
+# A peer that keeps opening sessions this node refuses gets one alert per interval.
+REFUSED_ALERT_INTERVAL = 60.0
 INVENTORY_CHUNK = 2000
 COMMIT_FILES = 2000
 COMMIT_BYTES = 64 << 20
 WATCH_STEP_MS = 50  # quiet time that ends a burst of file events
-# The watcher's thread cannot be cancelled: it returns at the latest after this
-# long, and a stopping node waits for it (watchfiles' default is 5 s).
-WATCH_RETURN_MS = 200
+# The watcher's thread returns this often even when nothing changes (each return
+# is a trip through the event loop); a stop is seen within WATCH_STEP_MS anyway.
+WATCH_RETURN_MS = 10_000
 
 
 class LinkClosed(SbsError, ConnectionError):
@@ -104,6 +106,7 @@ class SyncStatus:
     files_received: int = 0
     conflicts: list[str] = field(default_factory=list)
     held_deletes: int = 0
+    last_scan_at: float | None = None  # the last complete scan of every folder
 
     def as_dict(self) -> dict[str, Any]:
         """The replication keys of ``sbs status --json`` (a stopped node shows the defaults)."""
@@ -117,7 +120,20 @@ class SyncStatus:
             "files_received": self.files_received,
             "conflicts": list(self.conflicts[-20:]),
             "held_deletes": self.held_deletes,
+            "last_scan_at": self.last_scan_at,
         }
+
+
+def _identities(roots: Sequence[LocalRoot]) -> dict[str, tuple[int, int]]:
+    """Each root's (device, inode): a root replaced or remounted gets new ones."""
+    found = {}
+    for root in roots:
+        try:
+            st = os.stat(root.path)
+        except OSError:
+            continue
+        found[root.spec.id] = (st.st_dev, st.st_ino)
+    return found
 
 
 @dataclass(slots=True)
@@ -133,7 +149,8 @@ class _Local:
 
 @dataclass(slots=True)
 class _Trigger:
-    full: bool = False
+    full: bool = False  # scan every folder
+    periodic: bool = False  # the period is up: run the update scripts
     paths: dict[str, set[str]] = field(default_factory=dict)  # root id -> changed paths
     final: anyio.Event | None = None
     # A split-brain loser pushing to the winner: a file the winner changed too is
@@ -208,11 +225,17 @@ class SyncEngine:
         self._next_session = 1
         self._trigger = _Trigger(full=True)
         self._wake = anyio.Event()
+        self._watching = False  # the file watcher runs on every root
+        self._watched: dict[str, tuple[int, int]] = {}  # root id -> (device, inode) watched
+        self._watch_run = anyio.Event()
+        self._watch_ended = False
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
         self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
         self._held_why: dict[str, str] = {}  # root id -> why they are held
         self._script_failure: str | None = None  # of the last full cycle's update scripts
+        self._refused_alert_at = -math.inf
+        self._refused_since_alert = 0
         self._deletes_confirmed = False
 
     # ------------------------------------------------------------------ life
@@ -340,30 +363,71 @@ class SyncEngine:
     # ------------------------------------------------------------------ watching
 
     async def _watch(self) -> None:
+        # The watcher's thread cannot be cancelled, only told to stop: when this
+        # task is cancelled, the watcher's event is set before the task group
+        # waits for it, and it returns within WATCH_STEP_MS.
+        self._watch_ended = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_roots)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._watch_ended = True
+                self._watch_run.set()
+
+    async def _watch_roots(self) -> None:
         try:
             from watchfiles import awatch  # noqa: PLC0415 - optional at import time for tools
         except ImportError:  # pragma: no cover - a dependency
             return
-        while True:
-            roots = [r for r in self.roots() if r.path.is_dir()]
+        while not self._watch_ended:
+            # One event per watcher: set to stop, or to watch again (a root moved).
+            run = self._watch_run = anyio.Event()
+            # Only a node sending to its peer needs events: a session starts with
+            # a full scan, so nothing is missed while nobody watches.
+            roots = [r for r in self.roots() if r.path.is_dir()] if self._sender else []
             if not roots:
-                await anyio.sleep(self.config.node.period)
+                with anyio.move_on_after(self.config.node.period):
+                    await run.wait()
                 continue
-            stop = anyio.Event()
             try:
+                self._watched = await anyio.to_thread.run_sync(_identities, roots)
+                self._watching = True
+                # What changed while nothing watched is known only to a scan.
+                self._trigger.full = True
+                self._wake.set()
                 async for changes in awatch(
                     *(r.path for r in roots),
                     step=WATCH_STEP_MS,
                     rust_timeout=WATCH_RETURN_MS,
-                    stop_event=stop,
+                    stop_event=run,
                     recursive=True,
                     ignore_permission_denied=True,
                     watch_filter=None,
                 ):
                     self._note_changes(roots, [path for _, path in changes])
             except (OSError, RuntimeError) as exc:
+                self._watching = False
                 logger.warning("file watching failed (%s); full scans only until it recovers", exc)
-                await anyio.sleep(self.config.node.period)
+                with anyio.move_on_after(self.config.node.period):
+                    await run.wait()
+            finally:
+                self._watching = False
+
+    def _watch_holds(self) -> bool:
+        """Whether the watcher still watches every root where it is (blocks: a stat per root).
+
+        A root that was moved away, replaced or unmounted raises no event in a
+        watcher that follows the old folder: watch again, and scan.
+        """
+        if not self._watching:
+            return False
+        roots = [r for r in self.roots() if r.path.is_dir()]
+        if _identities(roots) == self._watched:
+            return True
+        self._watching = False
+        self._watch_run.set()
+        return False
 
     def _note_changes(self, roots: Sequence[LocalRoot], paths: Sequence[str]) -> None:
         for raw in paths:
@@ -382,6 +446,7 @@ class SyncEngine:
     # ------------------------------------------------------------------ sender
 
     async def _run_sender(self, session: _SenderSession) -> None:
+        self._watch_run.set()  # the watcher starts (see _watch_roots)
         try:
             with session.scope:
                 await self._sender_loop(session)
@@ -392,6 +457,7 @@ class SyncEngine:
             session.finished.set()
             if self._sender is session:
                 self._sender = None
+                self._watch_run.set()  # and stops
 
     async def _sender_loop(self, session: _SenderSession) -> None:
         roots = self.roots()
@@ -413,20 +479,32 @@ class SyncEngine:
                 break
         self._trigger.full = True
         cycle = 0
-        next_full = anyio.current_time()
+        node = self.config.node
+        next_cycle = next_scan = anyio.current_time()
         while True:
             trigger = self._trigger
-            if not (trigger.full or trigger.paths or trigger.final):
-                with anyio.move_on_after(max(0.0, next_full - anyio.current_time())):
+            if not (trigger.full or trigger.periodic or trigger.paths or trigger.final):
+                with anyio.move_on_after(max(0.0, next_cycle - anyio.current_time())):
                     await self._wake.wait()
-                if anyio.current_time() >= next_full:
-                    self._trigger.full = True
+                now = anyio.current_time()
+                if now >= next_cycle:
+                    # With a watcher running, what changed is known: scanning
+                    # every folder is only the occasional safety net. Held
+                    # deletions are looked at again by every scan, so while there
+                    # are some, every cycle scans.
+                    quiet = now < next_scan and not any(self._held.values())
+                    if quiet and await anyio.to_thread.run_sync(self._watch_holds):
+                        self._trigger.periodic = True
+                    else:
+                        self._trigger.full = True
                 continue
             self._trigger = _Trigger()
             self._wake = anyio.Event()
             cycle += 1
-            if trigger.full:
-                next_full = anyio.current_time() + self.config.node.period
+            if trigger.full or trigger.periodic:
+                next_cycle = anyio.current_time() + node.period
+                if trigger.full:
+                    next_scan = anyio.current_time() + node.rescan_interval
                 if not trigger.final:
                     await self._run_update_scripts()
             # Read before the cycle: a confirmation given while it runs is for the next one.
@@ -524,6 +602,8 @@ class SyncEngine:
             standing = [*self._held_why.values(), self._script_failure]
             self.status.last_sync_error = "; ".join(p for p in standing if p) or None
             self.status.last_sync_at = time.time()
+            if trigger.full:
+                self.status.last_scan_at = self.status.last_sync_at
         if sent_count or deletes_count(plan):
             logger.info(
                 "cycle %d: sent %d files (%.1f MB), %d deletes, %d to retry, in %.2f s",
@@ -872,12 +952,26 @@ class SyncEngine:
         except (RemoteProtocolError, UnsafePathError) as exc:
             # First: both are ConnectionErrors, so the clause below would swallow them.
             self.status.last_sync_error = str(exc)
-            self._alert("replication_failed", f"refused the peer's sync session: {exc}", "error")
+            self._alert_refused(str(exc))
         except (LinkClosed, OSError) as exc:
             logger.warning("receiving sync session %d ended: %s", session.id, exc)
         finally:
             if self._receiver is session:
                 self._receiver = None
+
+    def _alert_refused(self, reason: str) -> None:
+        # A broken or compromised primary may send refused sessions by the thousand:
+        # each would be a log line and an alert. The status always has the last one.
+        now = anyio.current_time()
+        if now - self._refused_alert_at < REFUSED_ALERT_INTERVAL:
+            self._refused_since_alert += 1
+            return
+        more = self._refused_since_alert
+        self._refused_alert_at, self._refused_since_alert = now, 0
+        also = f" ({more} more refused since the last alert)" if more else ""
+        self._alert(
+            "replication_failed", f"refused the peer's sync session: {reason}{also}", "error"
+        )
 
     async def _receiver_loop(self, session: _ReceiverSession) -> None:
         start = session.start
