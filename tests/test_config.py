@@ -588,7 +588,46 @@ def test_secret_file_is_a_folder(folder: Path) -> None:
         ("[[folders]]\npath = 'a'\nfilter = ''", "folders[0].filter", "must not be empty"),
         ("[[folders]]\npath = 'a'\nfilter = 'x/*.lab'", "folders[0].filter", "without '/'"),
         ("[[folders]]\npath = 'a'\nfilter = 'x\\*'", "folders[0].filter", "without '/'"),
-        ("[controller]\nkind = 'windows'", "controller.kind", "must be one of 'process'"),
+        ("[controller]\nkind = 'scm'", "controller.kind", "must be one of 'process' or 'windows'"),
+        (
+            "[controller]\napplication_service = 'Spooler'",
+            "controller.application_service",
+            "needs controller.kind = 'windows'",
+        ),
+        (
+            "[controller]\nkind = 'windows'\napplication = ['a']\napplication_service = 'A'",
+            "controller.application_service",
+            "cannot be used together with controller.application",
+        ),
+        (
+            "[[controller.sentinels]]\nname = 'a'\nservice = 'LabelJob'",
+            "controller.sentinels[0].service",
+            "needs controller.kind = 'windows'",
+        ),
+        (
+            "[controller]\nkind = 'windows'\n[[controller.sentinels]]\nname = 'a'",
+            "controller.sentinels[0]",
+            "needs exactly one of command (a child process) and service",
+        ),
+        (
+            "[controller]\nkind = 'windows'\n[[controller.sentinels]]\nname = 'a'\n"
+            "service = 'S'\ncommand = ['x']",
+            "controller.sentinels[0]",
+            "needs exactly one of command (a child process) and service",
+        ),
+        (
+            "[[controller.sentinels]]\nname = 'a'\nservice = 'a\\\\b'",
+            "controller.sentinels[0].service",
+            "is not a Windows service name",
+        ),
+        ("[licence]\nfile = 'x.lic'", "licence.public_key", "is required when licence.file"),
+        (
+            "[licence]\npublic_key = 'ed25519:" + "A" * 43 + "='",
+            "licence.file",
+            "is required when licence.public_key",
+        ),
+        ("[licence]\nfile = 'x'\npublic_key = 'abc'", "licence.public_key", "'ed25519:'"),
+        ("[licence]\nfile = 'x'\npublic_key = 'ed25519:AAAA'", "licence.public_key", "32 bytes"),
         ("[controller]\napplication = []", "controller.application", "must not be empty"),
         ("[controller]\nstop_timeout = 0", "controller.stop_timeout", "greater than 0"),
         ("[email]\nsecurity = 'tls'", "email.security", "'none', 'starttls' or 'ssl'"),

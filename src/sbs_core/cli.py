@@ -29,6 +29,7 @@ from sbs_core import __version__
 from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.errors import ConfigError, ControlError, SbsError
+from sbs_core.licence import LicenceError, gate_for
 from sbs_core.state import StateStore, write_atomically
 
 __all__ = ("main",)
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"sbs: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LicenceError as exc:
+        print(f"sbs: licence refused: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SbsError as exc:
         print(f"sbs: {exc}", file=sys.stderr)
@@ -115,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    gate_for(config)  # an unusable licence refuses the start before anything runs
     _setup_logging(args.log_level, args.log_file)
     log = logging.getLogger("sbs")
     for warning in config.warnings():
@@ -136,7 +141,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _run_node(config: Config) -> None:
     from sbs_core.driver import Node, install_signal_handlers  # noqa: PLC0415 - see top
 
-    node = Node(config)
+    node = Node(config, gate=gate_for(config))
     async with anyio.create_task_group() as tg:
         install_signal_handlers(node, tg)
         await node.run()
@@ -195,6 +200,9 @@ def node_status(config: Config) -> dict[str, Any]:
             "pid": None,
             "started_at": None,
             "version": __version__,
+            "licence": None,
+            "sentinels_held": [],
+            "sentinels_held_reason": None,
             **SyncStatus().as_dict(),
             **Notifier.offline_snapshot(config.node.state_dir),
         }
@@ -254,7 +262,31 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):
         lines.append(f"last error {st['last_error']}")
+    if st.get("sentinels_held"):
+        lines.append(
+            f"held       {', '.join(st['sentinels_held'])} not started:"
+            f" {st.get('sentinels_held_reason')}"
+        )
+    lines += _alert_lines(st)
     return "\n".join(lines)
+
+
+def _alert_lines(st: dict[str, Any]) -> list[str]:
+    """The outbox and the notify command, only when there is something to say."""
+    lines = []
+    waiting = st.get("outbox_size") or 0
+    sent_at = st.get("last_mail_at")
+    if waiting or isinstance(sent_at, int | float):
+        outbox = f"{waiting} waiting in the outbox" if waiting else "outbox empty"
+        if isinstance(sent_at, int | float):
+            clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sent_at))
+            outbox += f", last sent {clock} ({time.time() - sent_at:.0f} s ago)"
+        lines.append(f"mail       {outbox}")
+    if st.get("last_mail_error"):
+        lines.append(f"mail error {st['last_mail_error']}")
+    if st.get("last_hook_error"):
+        lines.append(f"hook error {st['last_hook_error']}")
+    return lines
 
 
 def _megabytes(value: object) -> str:
@@ -349,6 +381,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for warning in config.warnings():
         print(f"{config.config_file}: warning: {warning}")
+    gate = gate_for(config)
+    if gate is not None:
+        print(f"{config.config_file}: licence: {gate.licence.describe()}")
     print(f"{config.config_file}: OK")
     return EXIT_OK
 

@@ -54,6 +54,7 @@ __all__ = (
     "EmailConfig",
     "EmailSecurity",
     "FolderConfig",
+    "LicenceConfig",
     "Mode",
     "NodeConfig",
     "NotifyConfig",
@@ -74,7 +75,7 @@ Mode = Literal["auto", "primary", "backup"]
 EmailSecurity = Literal["none", "starttls", "ssl"]
 """How the SMTP connection is protected (see ``email.security``)."""
 
-ControllerKind = Literal["process"]
+ControllerKind = Literal["process", "windows"]
 """The built-in service controllers; a new kind is one more literal here."""
 
 
@@ -203,6 +204,32 @@ def _check_sentinel_name(value: str) -> str:
 
 
 _SentinelName = Annotated[_Text, AfterValidator(_check_sentinel_name)]
+
+
+def _check_service_name(value: str) -> str:
+    name = value.strip()
+    if not name or len(name) > 256 or "/" in name or "\\" in name:
+        raise _problem(
+            f"{value!r} is not a Windows service name: use its short name (as 'sc query'"
+            " shows it), 1 to 256 characters without '/' or '\\'"
+        )
+    return name
+
+
+_ServiceName = Annotated[_Text, AfterValidator(_check_service_name)]
+
+
+def _check_public_key(value: str) -> str:
+    from sbs_core.licence import LicenceError, parse_public_key  # noqa: PLC0415 - a cycle
+
+    try:
+        parse_public_key(value)
+    except LicenceError as exc:
+        raise _problem(str(exc)) from None
+    return value.strip()
+
+
+_PublicKey = Annotated[_Text, AfterValidator(_check_public_key)]
 
 
 # --- files read at load time ----------------------------------------------------------
@@ -640,7 +667,12 @@ class SentinelConfig(_Section):
 
     command: _Argv | None = None
     """The program and its arguments, as a list of strings (required by the ``process``
-    controller)."""
+    controller; with the ``windows`` controller, set this or ``service``)."""
+
+    service: _ServiceName | None = None
+    """``windows`` controller only: the short name of a Windows service that is this
+    sentinel, started and stopped through the Service Control Manager instead of
+    ``command``."""
 
     autostart: _Flag = True
     """Start this sentinel when this node becomes primary without having received a list
@@ -653,13 +685,24 @@ class ControllerConfig(_Section):
 
     kind: ControllerKind = "process"
     """Which controller: ``process`` runs the application and each sentinel as a child
-    process."""
+    process. ``windows`` (the Windows service shell) runs the application as a Windows
+    service (``application_service``) and each sentinel either as a Windows service
+    (``service``) or as a child process (``command``)."""
 
     stop_timeout: _Seconds = 5.0
-    """Seconds a stopped process gets to exit before it is killed."""
+    """Seconds a stopped process or Windows service gets to exit before it is killed."""
+
+    start_timeout: _Seconds = 30.0
+    """``windows`` controller: seconds a started Windows service gets to report that it
+    runs before the start counts as failed (and is retried)."""
 
     application: _Argv | None = None
     """The managed application's program and arguments, as a list of strings."""
+
+    application_service: _ServiceName | None = None
+    """``windows`` controller: the short name of the Windows service that is the managed
+    application. sbs sets it to manual start, starts it on promotion and stops it on
+    demotion."""
 
     sentinels: tuple[SentinelConfig, ...] = ()
     """The sentinels this controller knows."""
@@ -681,16 +724,89 @@ class ControllerConfig(_Section):
                 )
             else:
                 first_index[folded] = index
-            if self.kind == "process" and sentinel.command is None:
+            where = f"sentinels[{index}]"
+            if self.kind == "process":
+                if sentinel.service is not None:
+                    found.append(
+                        (
+                            f"{where}.service",
+                            "needs controller.kind = 'windows': the process controller"
+                            " runs commands, not Windows services",
+                        )
+                    )
+                elif sentinel.command is None:
+                    found.append(
+                        (
+                            f"{where}.command",
+                            "is required: the process controller starts each sentinel by"
+                            " running its command",
+                        )
+                    )
+            elif (sentinel.command is None) == (sentinel.service is None):
                 found.append(
                     (
-                        f"sentinels[{index}].command",
-                        "is required: the process controller starts each sentinel by"
-                        " running its command",
+                        where,
+                        "needs exactly one of command (a child process) and service (a"
+                        " Windows service) with the windows controller",
                     )
                 )
+        if self.kind == "process" and self.application_service is not None:
+            found.append(
+                (
+                    "application_service",
+                    "needs controller.kind = 'windows': the process controller runs"
+                    " the application from controller.application",
+                )
+            )
+        if self.application is not None and self.application_service is not None:
+            found.append(
+                (
+                    "application_service",
+                    "cannot be used together with controller.application: the managed"
+                    " application is either a Windows service or a command",
+                )
+            )
         if found:
             raise _problems(found)
+        return self
+
+
+class LicenceConfig(_Section):
+    """``[licence]``: the signed licence file that says whether this node may run
+    sentinels (see docs/windows.md).
+
+    Without this table, or with neither key set, no licence is checked (unless the
+    installed build carries a vendor key). With a public key, a valid licence file is
+    required: the node refuses to start with a missing, tampered, expired or foreign
+    one. A ``backup`` licence holds sentinels back while the node is primary since its
+    own startup, and lets them run while it relays a primary that failed or stopped.
+    """
+
+    file: _ConfigPath | None = None
+    """The licence file, as issued by ``python -m sbs_winsvc licence issue``."""
+
+    public_key: _PublicKey | None = None
+    """The vendor's public key that licences must be signed with: ``ed25519:`` and
+    base64, as ``python -m sbs_winsvc licence keygen`` prints it."""
+
+    def trusted_key(self) -> str | None:
+        """The public key licences are checked with: configured, else built in, else None."""
+        from sbs_core.licence import BUILTIN_PUBLIC_KEY  # noqa: PLC0415 - a cycle
+
+        return self.public_key or BUILTIN_PUBLIC_KEY
+
+    @model_validator(mode="after")
+    def _check_complete(self) -> Self:
+        if self.file is not None and self.trusted_key() is None:
+            raise _problem(
+                "is required when licence.file is set: the vendor's public key that"
+                " the licence must be signed with",
+                at="public_key",
+            )
+        if self.public_key is not None and self.file is None:
+            raise _problem(
+                "is required when licence.public_key is set: the licence file", at="file"
+            )
         return self
 
 
@@ -718,6 +834,9 @@ class Config(_Section):
 
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     """A command run on every alert."""
+
+    licence: LicenceConfig = Field(default_factory=LicenceConfig)
+    """The licence that says whether this node may run sentinels."""
 
     @field_validator("config_file")
     @classmethod
@@ -780,7 +899,12 @@ class Config(_Section):
             earlier = seen.setdefault((folder.path, folder.filter), index)
             if earlier != index:
                 yield f"folders[{index}] repeats folders[{earlier}] (same path and filter)"
-        if self.controller.application is None and not self.controller.sentinels:
+        controller = self.controller
+        if (
+            controller.application is None
+            and controller.application_service is None
+            and not controller.sentinels
+        ):
             yield (
                 "controller: neither an application nor sentinels are configured, so"
                 " becoming primary starts nothing"
@@ -806,6 +930,7 @@ _TABLES: Final[Mapping[tuple[str, ...], type[BaseModel]]] = {
     ("email",): EmailConfig,
     ("controller",): ControllerConfig,
     ("notify",): NotifyConfig,
+    ("licence",): LicenceConfig,
     ("controller", "sentinels"): SentinelConfig,
 }
 

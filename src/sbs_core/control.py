@@ -53,7 +53,8 @@ def socket_path(state_dir: Path) -> Path:
     # A deep state directory cannot hold a socket: use a private folder in the
     # temp dir, named after the state directory so client and node agree.
     digest = hashlib.sha256(os.fsencode(state_dir.absolute())).hexdigest()[:20]
-    return Path(tempfile.gettempdir()) / f"sbs-{os.getuid()}" / f"{digest}.sock"
+    owner = os.getuid() if sys.platform != "win32" else 0  # no Unix sockets there
+    return Path(tempfile.gettempdir()) / f"sbs-{owner}" / f"{digest}.sock"
 
 
 def _token_file(state_dir: Path) -> Path:
@@ -127,7 +128,7 @@ def control_request(state_dir: Path, request: dict[str, Any], *, timeout: float 
     """Send one request to the node that owns ``state_dir`` and return its answer (blocking)."""
     payload = dict(request)
     try:
-        if _UNIX:
+        if sys.platform != "win32" and _UNIX:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             address: Any = os.fspath(socket_path(state_dir))
         else:

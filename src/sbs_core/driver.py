@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -39,11 +40,13 @@ from sbs_core.connection import (
 from sbs_core.control import ControlServer
 from sbs_core.controller import ProcessController, ServiceController
 from sbs_core.errors import (
+    ConfigError,
     NotPrimaryError,
     ProtocolError,
     SbsError,
     UnknownSentinelError,
 )
+from sbs_core.licence import SentinelPermission
 from sbs_core.machine import (
     Action,
     Alert,
@@ -62,6 +65,7 @@ from sbs_core.machine import (
     PeerConnected,
     PersistedState,
     PersistState,
+    PromotionKind,
     RoleMachine,
     RunFinalCycle,
     Send,
@@ -79,7 +83,7 @@ from sbs_core.sync.engine import LinkClosed, SyncEngine
 from sbs_core.transport import TcpTransport, Transport
 from sbs_core.wire import NONCE_SIZE, SecureChannel
 
-__all__ = ("FileSync", "Node")
+__all__ = ("ControllerFactory", "FileSync", "Node", "SentinelGate")
 
 logger = logging.getLogger("sbs")
 
@@ -87,8 +91,16 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ER
 # Unauthenticated connections that may be in their handshake at once; more are
 # closed at once, so a flood on the peer port cannot starve the real peer.
 _MAX_HANDSHAKES = 8
+# Handshakes with the configured peer's address (and our own connections to it) have
+# slots of their own: strangers holding all the others in endless handshakes made a
+# starting peer see silence, take it for "nobody answered" and become primary too.
+_MAX_PEER_HANDSHAKES = 4
 _OUTBOX_FRAMES = 512
 _REFUSAL_LOG_INTERVAL = 60.0
+# Lines about refused connections per interval, all hosts together, and the hosts
+# remembered for it: what a flood from many addresses can make us write or keep.
+_REFUSAL_LINES = 10
+_REFUSAL_HOSTS = 1024
 
 
 class FileSync(Protocol):
@@ -125,6 +137,24 @@ class FileSync(Protocol):
         ...
 
 
+class SentinelGate(Protocol):
+    """A policy asked before every start of sentinels.
+
+    The licence's is :class:`~sbs_core.licence.LicenceGate`.
+    """
+
+    def permit(self, how: PromotionKind) -> SentinelPermission:
+        """May sentinels start now, on a node that became primary ``how``?"""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``sbs status`` shows of the policy (under the key ``licence``)."""
+        ...
+
+
+ControllerFactory = Callable[[Config], AbstractAsyncContextManager[ServiceController]]
+"""Builds the controller of a node from its configuration; entered once the node runs."""
+
 EventFactory = Callable[[float], Event]
 
 
@@ -146,13 +176,33 @@ class Node:
         *,
         transport: Transport | None = None,
         controller: ServiceController | None = None,
+        controller_factory: ControllerFactory | None = None,
         sync: Callable[[Node], FileSync] | None = None,
         notifier: Notifier | None = None,
+        gate: SentinelGate | None = None,
     ) -> None:
+        """``controller`` is an already running controller; ``controller_factory`` one the
+        node enters itself once it holds its state directory's lock (the Windows shell's).
+        ``gate``: a policy asked before every start of sentinels (a licence)."""
         self.config = config
         node = config.node
         self._transport: Transport = transport or TcpTransport()
         self._controller_override = controller
+        self._controller_factory = controller_factory
+        if (
+            controller is None
+            and controller_factory is None
+            and config.controller.kind != "process"
+        ):
+            raise ConfigError(
+                str(config.config_file),
+                "controller.kind",
+                f"{config.controller.kind!r} is run by the Windows service shell"
+                " (python -m sbs_winsvc), not by 'sbs run'",
+            )
+        self._gate = gate
+        # Sentinels the gate held back in the current relay, and why.
+        self._held: tuple[tuple[str, ...], str] | None = None
         self._notifier = notifier or Notifier(config)
         self._sync: FileSync = (
             sync(self) if sync else SyncEngine(config, link=self, alert=self._sync_alert)
@@ -165,7 +215,11 @@ class Node:
         self._replicating_to: ConnId | None = None
         self._next_conn = 1
         self._handshakes = anyio.Semaphore(_MAX_HANDSHAKES)
-        self._refusals_logged: dict[tuple[str, str], float] = {}
+        self._peer_handshakes = anyio.Semaphore(_MAX_PEER_HANDSHAKES)
+        # host -> (when its last refusal was logged, refusals not logged since).
+        self._refusals_logged: dict[str, tuple[float, int]] = {}
+        self._refusal_window_at = -_REFUSAL_LOG_INTERVAL
+        self._refusal_lines = 0
         self._events_tx, self._events_rx = anyio.create_memory_object_stream[
             EventFactory | _Request
         ](max_buffer_size=4096)
@@ -232,8 +286,20 @@ class Node:
             "pid": os.getpid(),
             "started_at": self._started_wall,
             "version": __version__,
+            **self._gate_status(),
             **self._sync.snapshot(),
             **self._notifier.snapshot(),
+        }
+
+    def _gate_status(self) -> dict[str, Any]:
+        held, reason = self._held if self._held is not None else ((), None)
+        licence = None
+        if self._gate is not None:
+            licence = {**self._gate.snapshot(), "held_back": reason}
+        return {
+            "licence": licence,
+            "sentinels_held": list(held),
+            "sentinels_held_reason": reason,
         }
 
     async def run(self) -> None:
@@ -296,6 +362,8 @@ class Node:
     def _make_controller(self) -> Any:
         if self._controller_override is not None:
             return _NoopContext(self._controller_override)
+        if self._controller_factory is not None:
+            return self._controller_factory(self.config)
         ctl = self.config.controller
         return ProcessController(
             {s.name: s.command for s in ctl.sentinels if s.command},
@@ -424,18 +492,38 @@ class Node:
         async for action in self._ctl_rx:
             try:
                 match action:
-                    case StartSentinels(names=names, epoch=epoch):
+                    case StartSentinels(names=names, epoch=epoch, how=how):
                         await controller.start_application(epoch=epoch)
-                        await controller.start_sentinels(self._startable(names), epoch=epoch)
+                        startable = self._permitted(self._startable(names), how)
+                        await controller.start_sentinels(startable, epoch=epoch)
                     case StopSentinels(names=names):
+                        if self._held is not None:
+                            held, reason = self._held
+                            self._held = (tuple(n for n in held if n not in names), reason)
                         await controller.stop_sentinels(self._startable(names))
                     case StopAll():
+                        self._held = None
                         await controller.stop_sentinels(None)
                         await controller.stop_application()
             except (SbsError, OSError) as exc:
                 logger.error("controller: %s failed: %s", type(action).__name__, exc)
             if isinstance(action, StopAll):
                 self._post(lambda now: AllStopped(now=now))
+
+    def _permitted(self, names: list[str], how: PromotionKind) -> list[str]:
+        """``names`` if the gate allows sentinels now, else none (remembered as held)."""
+        if self._gate is None or not names:
+            return names
+        permission = self._gate.permit(how)
+        if permission.allowed:
+            self._held = None
+            return names
+        before = set(self._held[0]) if self._held is not None else set()
+        held = tuple(sorted(before | set(names)))
+        if self._held is None or self._held[1] != permission.reason:
+            logger.warning("sentinels %s not started: %s", ", ".join(held), permission.reason)
+        self._held = (held, permission.reason)
+        return []
 
     def _startable(self, names: tuple[str, ...]) -> list[str]:
         unknown = [n for n in names if n not in self._known_sentinels]
@@ -500,18 +588,23 @@ class Node:
         await self._run_stream(stream, initiated=True)
 
     async def _accepted(self, stream: ByteStream) -> None:
-        if self._handshakes.value == 0:
+        if self._handshake_slots(remote_host(stream), initiated=False).value == 0:
             # A flood of half-open handshakes: refuse the excess outright.
             await anyio.aclose_forcefully(stream)
             return
         await self._run_stream(stream, initiated=False)
+
+    def _handshake_slots(self, host: str, *, initiated: bool) -> anyio.Semaphore:
+        if initiated or host == self.config.node.remote_address:
+            return self._peer_handshakes
+        return self._handshakes
 
     async def _run_stream(self, stream: ByteStream, *, initiated: bool) -> None:
         peer_host = remote_host(stream)
         channel = SecureChannel(self._secret, initiator=initiated, nonce=os.urandom(NONCE_SIZE))
         heard = Heard()
         try:
-            async with self._handshakes:
+            async with self._handshake_slots(peer_host, initiated=initiated):
                 with anyio.fail_after(self.config.node.connect_timeout):
                     hello = await handshake(stream, channel, self.machine.hello, heard)
         except (
@@ -612,11 +705,24 @@ class Node:
         self._alert(Alert(kind=_alert_kind(kind), message=message, level=level))
 
     def _log_refusal(self, host: str, reason: str) -> None:
-        key = (host, reason)
+        # Keyed by host alone: the reason is the peer's doing (a length it announced,
+        # a byte it sent), and keyed on it a client could make us write a line per
+        # connection. What is not logged is counted, and the count told next time.
         now = anyio.current_time()
-        if now - self._refusals_logged.get(key, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
-            self._refusals_logged[key] = now
-            logger.warning("refused a connection from %s: %s", host, reason)
+        if now - self._refusal_window_at >= _REFUSAL_LOG_INTERVAL:
+            self._refusal_window_at = now
+            self._refusal_lines = 0
+        logged_at, missed = self._refusals_logged.pop(host, (-_REFUSAL_LOG_INTERVAL, 0))
+        if now - logged_at < _REFUSAL_LOG_INTERVAL or self._refusal_lines >= _REFUSAL_LINES:
+            self._refusals_logged[host] = (logged_at, missed + 1)
+        else:
+            self._refusal_lines += 1
+            self._refusals_logged[host] = (now, 0)
+            more = f" ({missed} more refused from this host, not logged)" if missed else ""
+            logger.warning("refused a connection from %s: %s%s", host, reason, more)
+        if len(self._refusals_logged) > _REFUSAL_HOSTS:
+            # Popped and put back on every refusal: the first is the longest quiet.
+            del self._refusals_logged[next(iter(self._refusals_logged))]
 
 
 def _sentinel_change(now: float, *, name: str, active: bool) -> Event:

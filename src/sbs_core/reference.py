@@ -20,6 +20,7 @@ from sbs_core.config import (
     ControllerConfig,
     EmailConfig,
     FolderConfig,
+    LicenceConfig,
     NodeConfig,
     NotifyConfig,
     SentinelConfig,
@@ -35,6 +36,7 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[controller]", ControllerConfig),
     ("[[controller.sentinels]]", SentinelConfig),
     ("[notify]", NotifyConfig),
+    ("[licence]", LicenceConfig),
 )
 
 _INTRO = """\

@@ -395,7 +395,9 @@ class RoleMachine:
         self._stopping_all = False
         if self._sentinels_wanted:
             # Wanted again while stopping (an aborted handover): start them now.
-            self._out.add(StartSentinels(names=self._sentinels, epoch=self._epoch))
+            self._out.add(
+                StartSentinels(names=self._sentinels, epoch=self._epoch, how=self._promoted_how)
+            )
             return
         handover = self._handover
         if self._phase is _Phase.HANDING_OVER and handover is not None:

@@ -1,0 +1,3 @@
+from sbs_winsvc.cli import main
+
+raise SystemExit(main())
