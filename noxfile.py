@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``bench``, ``demo``."""
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``demo``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,21 @@ def bench(session: nox.Session) -> None:
     """Failover figures of real nodes on loopback; writes docs/benchmarks.md."""
     _install(session)
     session.run("python", "bench/failover.py", "--output", "docs/benchmarks.md", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation with mkdocs; any warning (broken link, page not in nav) fails."""
+    _install(session)
+    site = session.create_tmp()
+    session.run("mkdocs", "build", "--strict", "--site-dir", f"{site}/site")
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """The chaos soak in two network namespaces (root): ``nox -s soak -- --seed 7 --minutes 30``."""
+    _install(session)
+    session.run("python", "tests/faultlab/soak.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -13,6 +13,7 @@ import functools
 import json
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -26,6 +27,7 @@ import anyio
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from anyio.abc import SocketStream
+from anyio.from_thread import start_blocking_portal
 
 from sbs_core.alerts import AlertEvent, Notifier
 from sbs_core.config import Config, load_config
@@ -240,6 +242,39 @@ def port_of(sock: socket.socket) -> int:
     return port
 
 
+@contextmanager
+def smtp_server_in_thread(**options: Any) -> Iterator[MailServer]:
+    """:func:`smtp_server` (same options) on an event loop of its own, in a thread.
+
+    For tests that block, e.g. on real nodes: read what arrived with
+    :func:`wait_mails`. Leaving the block stops the server, then its thread.
+    """
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(smtp_server(**options)) as server,
+    ):
+        yield server
+
+
+def wait_mails(
+    server: MailServer,
+    what: str,
+    test: Callable[[list[Received]], bool],
+    *,
+    timeout: float = 10.0,
+) -> list[Received]:
+    """Poll a server of :func:`smtp_server_in_thread` until ``test`` holds for its mails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mails = list(server.received)  # appended to by the server's thread
+        if test(mails):
+            return mails
+        if time.monotonic() > deadline:
+            subjects = [str(m.message["Subject"]) for m in mails]
+            raise TimeoutError(f"no {what} within {timeout} s; mails received: {subjects}")
+        time.sleep(0.02)
+
+
 # --- configuration and events ----------------------------------------------------------
 
 
@@ -256,8 +291,12 @@ def write_config(
     recipients: tuple[str, ...] = (RECIPIENT,),
     email: Mapping[str, object] | None = None,
     notify: Mapping[str, object] | None = None,
+    node_port: int = 4445,
 ) -> Path:
-    """A node config whose ``[email]`` points at the test server; returns its path."""
+    """A node config whose ``[email]`` points at the test server; returns its path.
+
+    The node is on 127.0.0.1, its peer 127.0.0.2 (not running) on ``node_port``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     secret = folder / "secret"
     secret.write_text("s" * 32, encoding="utf-8")
@@ -278,15 +317,15 @@ def write_config(
     if ca_file is not None:
         table["ca_file"] = str(ca_file)
     table |= dict(email or {})
-    extra = _table("email", table)
+    extra = toml_table("email", table)
     if notify is not None:
-        extra += _table("notify", notify)
+        extra += toml_table("notify", notify)
     return write_node_config(
         folder,
         name=name,
         local=HOST,
         remote="127.0.0.2",
-        port=4445,
+        port=node_port,
         secret_file=secret,
         sentinels={},
         extra=extra,
@@ -297,7 +336,8 @@ def load(folder: Path, **options: Any) -> Config:
     return load_config(write_config(folder, **options))
 
 
-def _table(name: str, values: Mapping[str, object]) -> str:
+def toml_table(name: str, values: Mapping[str, object]) -> str:
+    """``[name]`` with ``values``, to append to a node's TOML file."""
     # JSON's scalars and arrays are valid TOML values.
     lines = [f"{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in values.items()]
     return f"\n[{name}]\n" + "\n".join(lines) + "\n"
@@ -328,6 +368,44 @@ def text_of(mail: Received) -> str:
     content = body.get_content()
     assert isinstance(content, str)
     return content.replace("\r\n", "\n")  # SMTP carries CRLF line ends
+
+
+# --- the notify command -------------------------------------------------------------------
+
+# Records each call; hangs (after saying its pid) when the message asks it to.
+HOOK_SCRIPT = """\
+import json, os, sys, time
+event = json.load(sys.stdin)
+out = sys.argv[1]
+if event["message"] == "hang":
+    with open(out + ".pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+if event["message"] == "fail":
+    print("the pager service said no", file=sys.stderr)
+    sys.exit(3)
+env = {k: v for k, v in os.environ.items() if k.startswith("SBS_")}
+with open(out, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"event": event, "env": env}, ensure_ascii=False) + "\\n")
+"""
+
+
+def hook_command(folder: Path) -> tuple[list[str], Path]:
+    """A notify command that appends each call (event and ``SBS_*`` variables) to a file.
+
+    Returns the command and the file, which :func:`hook_calls` reads back.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "hook.py"
+    script.write_text(HOOK_SCRIPT, encoding="utf-8")
+    out = folder / "calls.jsonl"
+    return [sys.executable, str(script), str(out)], out
+
+
+def hook_calls(out: Path) -> list[dict[str, Any]]:
+    if not out.exists():
+        return []
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
 # --- running a notifier -------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""``sbs email test``, run as a real process against the test SMTP server."""
+"""``sbs email test`` run against the test SMTP server, and the mail lines of ``sbs status``."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,11 +15,14 @@ from alertkit import (
     RECIPIENT,
     closed_port,
     port_of,
+    silent_server,
     smtp_server,
     text_of,
     write_ca_file,
     write_config,
 )
+
+from sbs_core.cli import format_status
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +93,86 @@ async def test_email_disabled(tmp_path: Path) -> None:
     assert out == ""
     assert "email is disabled" in err
     assert "enabled = true" in err
+
+
+async def test_recipient_refused(tmp_path: Path) -> None:
+    async with smtp_server(refuse=frozenset({RECIPIENT})) as server:
+        config = write_config(tmp_path, port=server.port)
+        code, out, err = await sbs("email", "test", "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"sbs: test mail not sent: recipient refused: {RECIPIENT}: 550")
+    assert server.received == []
+
+
+async def test_server_that_never_answers(tmp_path: Path) -> None:
+    async with silent_server() as port:
+        config = write_config(tmp_path, port=port, email={"timeout": 1.0})
+        code, out, err = await sbs("email", "test", "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"sbs: test mail not sent: timed out: {HOST}:{port} did not answer")
+
+
+# --- sbs status, for a person ------------------------------------------------------------
+
+
+def primary_status(**changes: Any) -> dict[str, Any]:
+    """What a running primary without a peer reports (``sbs status --json``)."""
+    status: dict[str, Any] = {
+        "role": "primary",
+        "mode": "auto",
+        "epoch": 3,
+        "name": "print-1",
+        "local_address": HOST,
+        "remote_address": "127.0.0.2",
+        "port": 4445,
+        "peer": None,
+        "peer_connected": False,
+        "handing_over": False,
+        "active_sentinels": ["labels"],
+        "sentinels": ["labels"],
+        "last_error": None,
+        "last_sync_at": None,
+        "outbox_size": 0,
+        "last_mail_at": None,
+        "last_mail_error": None,
+        "last_hook_error": None,
+    }
+    status.update(changes)
+    return status
+
+
+def test_status_says_nothing_about_mail_before_there_is_any() -> None:
+    screen = format_status(primary_status())
+    assert "mail" not in screen
+    assert "hook" not in screen
+
+
+def test_status_shows_the_outbox_and_the_delivery_problems() -> None:
+    sent_at = time.time() - 95
+    screen = format_status(
+        primary_status(
+            outbox_size=3,
+            last_mail_at=sent_at,
+            last_mail_error=f"cannot connect to {HOST}:2525: Connection refused",
+            last_hook_error="notify.command failed (exit code 3); its output: no",
+        )
+    )
+    lines = screen.splitlines()
+    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sent_at))
+    assert f"mail       3 waiting in the outbox, last sent {clock} (95 s ago)" in lines
+    assert f"mail error cannot connect to {HOST}:2525: Connection refused" in lines
+    assert "hook error notify.command failed (exit code 3); its output: no" in lines
+    assert len(lines) <= 12, screen
+
+
+def test_status_of_an_empty_outbox_after_a_mail() -> None:
+    screen = format_status(primary_status(last_mail_at=time.time() - 4))
+    (line,) = [line for line in screen.splitlines() if line.startswith("mail")]
+    assert line.startswith("mail       outbox empty, last sent ")
+    assert line.endswith("(4 s ago)")
+
+
+def test_status_of_a_stopped_node_with_mail_waiting() -> None:
+    # A stopped node's status has the outbox count from disk, and no times.
+    screen = format_status(primary_status(role="stopped", active_sentinels=[], outbox_size=1))
+    assert "mail       1 waiting in the outbox" in screen.splitlines()

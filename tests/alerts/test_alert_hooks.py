@@ -2,52 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
-from alertkit import load, make_event, running, until
+from alertkit import hook_calls, hook_command, load, make_event, running, until
 
 from sbs_core.alerts import HookError, HookTimeoutError, Notifier, run_hook
 
 pytestmark = pytest.mark.anyio
-
-# Records each call; hangs (after saying its pid) when the message asks it to.
-HOOK = """\
-import json, os, sys, time
-event = json.load(sys.stdin)
-out = sys.argv[1]
-if event["message"] == "hang":
-    with open(out + ".pid", "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(60)
-if event["message"] == "fail":
-    print("the pager service said no", file=sys.stderr)
-    sys.exit(3)
-env = {k: v for k, v in os.environ.items() if k.startswith("SBS_")}
-with open(out, "a", encoding="utf-8") as f:
-    f.write(json.dumps({"event": event, "env": env}, ensure_ascii=False) + "\\n")
-"""
-
-
-def hook_command(tmp_path: Path) -> tuple[list[str], Path]:
-    script = tmp_path / "hook.py"
-    script.write_text(HOOK, encoding="utf-8")
-    out = tmp_path / "calls.jsonl"
-    return [sys.executable, str(script), str(out)], out
-
-
-def calls(out: Path) -> list[dict[str, Any]]:
-    if not out.exists():
-        return []
-    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
 async def test_the_command_gets_the_event_as_json_and_in_the_environment(tmp_path: Path) -> None:
@@ -57,9 +25,9 @@ async def test_the_command_gets_the_event_as_json_and_in_the_environment(tmp_pat
     async with running(Notifier(config)) as notifier:
         notifier.publish(event)
         notifier.publish(make_event("promoted", epoch=5))
-        await until(lambda: len(calls(out)) == 2)
+        await until(lambda: len(hook_calls(out)) == 2)
 
-    first, second = calls(out)
+    first, second = hook_calls(out)
     assert first["event"] == event.to_dict()
     assert first["env"] == {
         "SBS_EVENT": "peer_lost",
@@ -83,12 +51,12 @@ async def test_a_hanging_command_is_killed_and_the_next_one_runs(
         started = time.perf_counter()
         notifier.publish(make_event("peer_lost", message="hang"))
         notifier.publish(make_event("promoted", message="after the hang"))
-        await until(lambda: len(calls(out)) == 1)
+        await until(lambda: len(hook_calls(out)) == 1)
         elapsed = time.perf_counter() - started
         # The next command succeeded, so the problem is over.
         await until(lambda: notifier.snapshot()["last_hook_error"] is None)
 
-    assert calls(out)[0]["event"]["message"] == "after the hang"
+    assert hook_calls(out)[0]["event"]["message"] == "after the hang"
     assert 0.5 <= elapsed < 5
     pid = int(Path(str(out) + ".pid").read_text())
     with pytest.raises(ProcessLookupError):
