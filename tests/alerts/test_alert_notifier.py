@@ -104,6 +104,23 @@ async def test_a_mail_arrives_once_smtp_is_back(
     assert "mail delivery works again" in caplog.text
 
 
+async def test_a_new_mail_cuts_the_backoff_short(tmp_path: Path) -> None:
+    # The backoff has grown long (an hour here) while the server was down; it is
+    # back, and a takeover must not wait out the hour: a new mail tries at once.
+    with closed_port() as sock:
+        config = load(tmp_path, port=port_of(sock))
+        slow = {"retry_interval": 3600.0, "max_retry_interval": 3600.0}
+        async with running(Notifier(config, **slow)) as notifier:
+            notifier.publish(make_event("stopped"))
+            await until(lambda: notifier.snapshot()["last_mail_error"] is not None)
+            async with smtp_server(sock=sock) as server:
+                notifier.publish(make_event("promoted"))
+                with anyio.fail_after(10):
+                    mails = await server.wait_for(2)
+    # The older mail goes first, with the new one.
+    assert [("primary" in m.message["Subject"]) for m in mails] == [False, True]
+
+
 async def test_repeated_replication_failures_are_rate_limited(tmp_path: Path) -> None:
     async with smtp_server() as server:
         config = load(tmp_path, port=server.port, email={"repeat_interval": 0.6})

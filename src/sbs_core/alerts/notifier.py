@@ -222,7 +222,10 @@ class Notifier:
                 continue
             self._backing_off = True
             logger.debug("next mail attempt in %g s", wait)
-            await anyio.sleep(wait)
+            # A new mail (a takeover, say) is worth a try at once: the server
+            # may be back, and the operator should not wait out the backoff.
+            with anyio.move_on_after(wait):
+                await changed.wait()
             self._backing_off = False
             wait = min(wait * 2, self.max_retry_interval)
 
