@@ -45,6 +45,9 @@ __all__ = (
 )
 
 PROTOCOL_VERSION = 1
+# An error quotes the peer's input (an unknown type tag, say), which may be megabytes
+# long; it ends up in the log and the status, so only its start is kept.
+_MAX_ERROR_SHOWN = 200
 
 Role = Literal["stopped", "starting", "primary", "secondary"]
 Mode = Literal["auto", "primary", "backup"]
@@ -243,6 +246,11 @@ def decode_message(payload: bytes) -> Message:
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
-        raise RemoteProtocolError(f"invalid message: {where}: {first['msg']}") from None
+        reason = _shown(f"{where}: {first['msg']}")
+        raise RemoteProtocolError(f"invalid message: {reason}") from None
     except (ValueError, json.JSONDecodeError) as exc:  # pragma: no cover - pydantic wraps these
-        raise RemoteProtocolError(f"invalid message: {exc}") from None
+        raise RemoteProtocolError(f"invalid message: {_shown(str(exc))}") from None
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR_SHOWN else text[:_MAX_ERROR_SHOWN] + "..."
