@@ -254,6 +254,24 @@ def test_a_dropped_incoming_removes_its_temporary_file(site: Site) -> None:
     assert not temp.exists()
 
 
+def test_abort_all_ends_every_pending_transfer_and_keeps_what_was_applied(site: Site) -> None:
+    # A session cut short: one file applied, one half received, one received
+    # but not committed. Only the applied one stays; no temporary file does.
+    applier = site.applier()
+    assert applier.commit([receive(applier, "done.lab", b"done")])[0].status == "applied"
+    open_one = applier.begin(ROOT_ID, "half.lab", size=4, mtime_ns=MTIME_NS, digest="")
+    open_one.write(b"ha")
+    finished = receive(applier, "sub/finished.lab", b"whole")
+    assert len(temp_files(site.sandbox)) == 2
+    assert applier.abort_all() == 2
+    assert temp_files(site.sandbox) == []
+    assert (site.root / "done.lab").read_bytes() == b"done"
+    assert not (site.root / "half.lab").exists()
+    assert not (site.root / "sub" / "finished.lab").exists()
+    assert not finished.pending
+    assert applier.abort_all() == 0
+
+
 def test_a_long_name_still_gets_a_temporary_file(site: Site) -> None:
     applier = site.applier()
     name = "\u00e9" * 125 + ".lab"  # 254 bytes in UTF-8, near the limit of one name

@@ -531,6 +531,18 @@ class Applier:
                 _fsync_folder(flushed)
         return kept
 
+    def abort_all(self) -> int:
+        """Abort every transfer still pending through this Applier; return how many.
+
+        For the end of a session: its temporary files go at once, not when the
+        garbage collector finds them or the next session's cleanup runs.
+        """
+        with self._lock:
+            pending = [incoming for incoming in self._live if incoming.pending]
+        for incoming in pending:
+            incoming.abort()
+        return len(pending)
+
     def cleanup_temp_files(self) -> int:
         """Remove temporary files left under every root by a crash; return how many.
 

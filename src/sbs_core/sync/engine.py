@@ -206,6 +206,7 @@ class _ReceiverSession:
         self.queue_rx: MemoryObjectReceiveStream[SyncMessage | bytes] = rx
         self.queued_bytes = 0
         self.scope = anyio.CancelScope()
+        self.ended = anyio.Event()
 
 
 class SyncEngine:
@@ -943,11 +944,17 @@ class SyncEngine:
             return
         session = _ReceiverSession(self, conn, start)
         self._receiver = session
-        self._tg.start_soon(self._run_receiver, session)
+        self._tg.start_soon(self._run_receiver, session, old)
 
-    async def _run_receiver(self, session: _ReceiverSession) -> None:
+    async def _run_receiver(
+        self, session: _ReceiverSession, previous: _ReceiverSession | None
+    ) -> None:
         try:
             with session.scope:
+                if previous is not None:
+                    # A commit of the old session may still be renaming files in
+                    # a worker thread: the new inventory must come after it.
+                    await previous.ended.wait()
                 await self._receiver_loop(session)
         except (RemoteProtocolError, UnsafePathError) as exc:
             # First: both are ConnectionErrors, so the clause below would swallow them.
@@ -956,6 +963,7 @@ class SyncEngine:
         except (LinkClosed, OSError) as exc:
             logger.warning("receiving sync session %d ended: %s", session.id, exc)
         finally:
+            session.ended.set()
             if self._receiver is session:
                 self._receiver = None
 
@@ -987,11 +995,16 @@ class SyncEngine:
             durable=self.config.node.durable_writes,
         )
         await anyio.to_thread.run_sync(applier.cleanup_temp_files)
-        await self._send_inventory(session, roots)
-        receiver = _Receiving(self, session, applier)
-        async with session.queue_rx:
-            async for item in session.queue_rx:
-                await receiver.handle(item)
+        try:
+            await self._send_inventory(session, roots)
+            receiver = _Receiving(self, session, applier)
+            async with session.queue_rx:
+                async for item in session.queue_rx:
+                    await receiver.handle(item)
+        finally:
+            # A session cut short leaves no temporary file behind in the folders.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(applier.abort_all)
 
     def _log_folder_difference(self, specs: tuple[RootSpec, ...]) -> None:
         own = {r.spec.id for r in sender_roots(self.config)}
