@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -173,12 +173,25 @@ def write_node_config(
 class NodeProcess:
     """One ``sbs run`` child process and the ways to look at it and to hurt it."""
 
-    def __init__(self, name: str, config: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix`` goes before ``python -m sbs_core run``, e.g. ``ip netns exec NS``.
+
+        The prefix must exec the node in place (as ``ip netns exec`` does), so that
+        the pid signalled by :meth:`kill` and :meth:`hang` is the node's own.
+        """
         self.name = name
         self.config = config
         self.state_dir = config.parent / "state"
         self.log = config.parent / "node.log"
         self.env = {**os.environ, **(env or {})}
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- life
@@ -188,7 +201,15 @@ class NodeProcess:
             raise RuntimeError(f"node {self.name} is already running")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sbs_core", "run", "--config", str(self.config)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "sbs_core",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
