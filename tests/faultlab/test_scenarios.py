@@ -89,13 +89,6 @@ def test_disk_full_on_the_secondary(lab: NetLab) -> None:
 
 
 @pytest.mark.lab(node_extra={"period": 1.0}, volumes={"b": 16 << 10})
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sbs bug: a file the secondary cannot write (ENOSPC) is a silent 'retry': "
-        "no last_sync_error, no replication_failed alert, last_sync_at still advances"
-    ),
-)
 def test_disk_full_on_the_secondary_is_reported(lab: NetLab) -> None:
     got = scenarios.disk_full_on_secondary(lab)
     show("disk full, report", got)
@@ -106,14 +99,6 @@ def test_disk_full_on_the_secondary_is_reported(lab: NetLab) -> None:
 @pytest.mark.lab(
     node_extra={"period": 2.0, "strict_sync": True, "max_delete": "100%"},
     volumes={"b": 64 << 10},
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sbs bug: ENOSPC while the secondary applies a batch ends its receiving sync session "
-        "(a warning only); the primary waits for the cycle's ack forever: replication stops, "
-        "files_pending and last_sync_at freeze, no error, no alert, until the connection drops"
-    ),
 )
 def test_replication_resumes_after_the_secondary_disk_was_full(lab: NetLab) -> None:
     got = scenarios.disk_full_during_changes(lab)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,8 @@ BATCH_FILES = 512
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
 # A peer that keeps opening sessions this node refuses gets one alert per interval.
 REFUSED_ALERT_INTERVAL = 60.0
+# A file the peer could not apply this many cycles in a row is a problem to report.
+RETRY_CYCLES_ALERT = 3
 INVENTORY_CHUNK = 2000
 COMMIT_FILES = 2000
 COMMIT_BYTES = 64 << 20
@@ -236,6 +239,8 @@ class SyncEngine:
         self._held_why: dict[str, str] = {}  # root id -> why they are held
         self._script_failure: str | None = None  # of the last full cycle's update scripts
         self._refused_alert_at = -math.inf
+        self._failure_alert_at = -math.inf
+        self._retry_cycles = 0  # cycles in a row that left files to retry
         self._refused_since_alert = 0
         self._deletes_confirmed = False
 
@@ -596,8 +601,18 @@ class SyncEngine:
         if ack.error or ack.refused:
             detail = ack.error or "; ".join(f"{p}: {why}" for _, p, why in ack.refused[:5])
             self.status.last_sync_error = detail
-            self._alert("replication_failed", f"replication cycle {cycle}: {detail}", "error")
+            self._alert_failure(f"replication cycle {cycle}: {detail}")
+        elif ack.retry:
+            # Files the peer could not apply (locked, a full disk): sent again at
+            # once, and reported, so that a standing problem is never silent.
+            self._retry_cycles += 1
+            shown = "; ".join(f"{p}: {why}" for _, p, why in ack.retry[:3])
+            detail = f"{len(ack.retry)} file(s) not applied by the peer, retried: {shown}"
+            self.status.last_sync_error = detail
+            if self._retry_cycles >= RETRY_CYCLES_ALERT:
+                self._alert_failure(f"replication cycle {cycle}: {detail}")
         else:
+            self._retry_cycles = 0
             # The cycle went well, but held deletions and failed scripts still need
             # the operator: a successful cycle must not hide them.
             standing = [*self._held_why.values(), self._script_failure]
@@ -967,6 +982,15 @@ class SyncEngine:
             if self._receiver is session:
                 self._receiver = None
 
+    def _alert_failure(self, detail: str) -> None:
+        # A failing cycle is retried every second: one alert (and log line) a
+        # minute says it; the status always has the latest.
+        now = anyio.current_time()
+        if now - self._failure_alert_at < REFUSED_ALERT_INTERVAL:
+            return
+        self._failure_alert_at = now
+        self._alert("replication_failed", detail, "error")
+
     def _alert_refused(self, reason: str) -> None:
         # A broken or compromised primary may send refused sessions by the thousand:
         # each would be a log line and an alert. The status always has the last one.
@@ -1000,7 +1024,16 @@ class SyncEngine:
             receiver = _Receiving(self, session, applier)
             async with session.queue_rx:
                 async for item in session.queue_rx:
-                    await receiver.handle(item)
+                    try:
+                        await receiver.handle(item)
+                    except (RemoteProtocolError, UnsafePathError, LinkClosed):
+                        raise  # the peer's fault, or no peer (OSErrors too): the session ends
+                    except (OSError, sqlite3.Error) as exc:
+                        # This node's disk, not the peer: the cycle's files are
+                        # retried and its ack says why; the session goes on.
+                        await anyio.to_thread.run_sync(receiver.fail, exc)
+                        if isinstance(item, CycleEnd):
+                            await receiver.handle(item)  # the ack, with the error
         finally:
             # A session cut short leaves no temporary file behind in the folders.
             with anyio.CancelScope(shield=True):
@@ -1198,6 +1231,9 @@ class _Receiving:
         self.refused: list[tuple[str, str, str]] = []
         self.credit_owed = 0
         self.kept: list[str] = []  # conflict copies of this cycle: one alert for all
+        # Set when this node could not apply (a full disk): the rest of the cycle
+        # is received and dropped, every file of it retried, and its ack says why.
+        self.broken: str | None = None
 
     async def handle(self, item: SyncMessage | bytes) -> None:
         if isinstance(item, bytes):
@@ -1232,9 +1268,11 @@ class _Receiving:
                     applied=self.applied,
                     retry=tuple(self.retry),
                     refused=tuple(self.refused),
+                    error=self.broken or "",
                 )
                 self.applied = 0
                 self.retry, self.refused = [], []
+                self.broken = None  # the next cycle tries again
                 if self.kept:
                     shown = ", ".join(self.kept[:10]) + (" ..." if len(self.kept) > 10 else "")
                     self.engine._alert(
@@ -1255,7 +1293,29 @@ class _Receiving:
                 self.session.conn, Credit(session=self.session.id, bytes=owed)
             )
 
+    def fail(self, exc: Exception) -> None:
+        """Nothing more of this cycle can be applied here: retry all of it (blocks)."""
+        reason = f"cannot apply on {self.engine.config.node.name}: {_reason_of(exc)}"
+        if self.broken is None:
+            logger.error("replication: %s; the cycle's files are retried", reason)
+        self.broken = reason
+        for f, incoming in self.ready:
+            incoming.abort()
+            self.retry.append((f.root, f.path, reason))
+        self.ready, self.ready_bytes = [], 0
+        for index, (f, pending) in enumerate(zip(self.files, self.incoming, strict=False)):
+            if pending is not None:
+                pending.abort()
+                self.incoming[index] = None
+                self.retry.append((f.root, f.path, reason))
+
     def _open_all(self) -> None:
+        if self.broken is not None:
+            for f in self.files:
+                self.retry.append((f.root, f.path, self.broken))
+                self.incoming.append(None)
+            self._skip_empty()
+            return
         for f in self.files:
             try:
                 self.incoming.append(
@@ -1307,6 +1367,9 @@ class _Receiving:
                 incoming.finish()
             except IntegrityError as exc:
                 self.retry.append((f.root, f.path, str(exc)))
+                continue
+            except OSError as exc:  # a full disk may show only at the last flush
+                self.retry.append((f.root, f.path, _reason_of(exc)))
                 continue
             self.ready.append((f, incoming))
             self.ready_bytes += f.size
@@ -1368,3 +1431,11 @@ class _Receiving:
                 self.retry.append((o.root_id, o.path, o.reason))
             else:
                 self.refused.append((o.root_id, o.path, o.reason))
+
+
+def _reason_of(exc: Exception) -> str:
+    """An OS or database error as an operator reads it: "No space left on device"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"
