@@ -293,11 +293,22 @@ class SyncEngine:
         if self._tg is None or not self.roots():
             return
         session = self._sender
-        if session is None or session.conn != conn:
+        only_for_this = session is None or session.conn != conn
+        if session is None or only_for_this:
             self.detach()
             session = _SenderSession(self, conn, self._take_session_id())
             self._sender = session
             self._tg.start_soon(self._run_sender, session)
+        try:
+            await self._final_cycle_on(session, yielding=yielding)
+        finally:
+            if only_for_this and self._sender is session:
+                # A session opened for the final cycle (a split-brain loser
+                # yielding to a primary) ends with it: once secondary, this
+                # node must not go on pushing its files to the new primary.
+                self.detach()
+
+    async def _final_cycle_on(self, session: _SenderSession, *, yielding: bool) -> None:
         done = anyio.Event()
         self._trigger.full = True
         self._trigger.final = done
