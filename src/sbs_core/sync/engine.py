@@ -174,6 +174,7 @@ class _SenderSession:
         self.known: dict[str, dict[str, tuple[int, str]]] = {}
         self.scope = anyio.CancelScope()
         self.finished = anyio.Event()
+        self.final_only = False  # opened for one final cycle, and ends with it
 
     def deliver(self, message: SyncMessage) -> None:
         if isinstance(message, Credit):
@@ -297,6 +298,7 @@ class SyncEngine:
         if session is None or only_for_this:
             self.detach()
             session = _SenderSession(self, conn, self._take_session_id())
+            session.final_only = True
             self._sender = session
             self._tg.start_soon(self._run_sender, session)
         try:
@@ -531,6 +533,10 @@ class SyncEngine:
                 self._deletes_confirmed = False
             if trigger.final is not None:
                 trigger.final.set()
+                if session.final_only or trigger.yielding:
+                    # Nothing after it: a cycle queued meanwhile (a file event)
+                    # would push this node's files again, without yielding.
+                    return
             if not ok:
                 # Retry what failed soon, not only at the next full scan.
                 self._trigger.full = True
