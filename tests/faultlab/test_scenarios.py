@@ -45,14 +45,6 @@ def test_partition_with_both_sides_alive_then_heal(lab: NetLab) -> None:
     assert got["split_brain_alerts"] >= 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "sbs bug, intermittent (1 run in 6 here, 1 to 3 in 4 before the loser's final-cycle "
-        "session was ended with the cycle): after a split brain the file changed on both "
-        "sides can end with the loser's version on both nodes, the winner's put aside"
-    ),
-)
 def test_partition_keeps_the_winners_version_of_a_file_changed_on_both_sides(
     lab: NetLab,
 ) -> None:
