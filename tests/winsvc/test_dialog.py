@@ -9,6 +9,7 @@ screenshot of each state the tests reach is saved under ``build/test-artifacts``
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -125,6 +126,10 @@ def open_dialog(display: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
     for root in roots:
         with contextlib.suppress(tk.TclError):
             root.destroy()
+    # Tk objects caught in reference cycles must be freed here, in Tk's own
+    # thread: a later collection in another test's thread aborts Tcl.
+    roots.clear()
+    gc.collect()
 
 
 def pump(root: Any, until: Callable[[], bool] | None = None, timeout: float = 15.0) -> None:

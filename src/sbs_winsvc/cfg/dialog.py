@@ -358,33 +358,9 @@ class ConfigDialog:
             return
         self.test_button.state(["disabled"])
         self.test_result.configure(text="sending...", foreground="")
-        threading.Thread(target=self._send_test, args=(config,), daemon=True).start()
-
-    def _send_test(self, config: Any) -> None:
-        import anyio  # noqa: PLC0415
-
-        from sbs_core.alerts import (  # noqa: PLC0415 - only for the test
-            MailError,
-            compose_mail,
-            email_test_event,
-            send_mail,
-        )
-
-        mail = compose_mail(email_test_event(config))
-        try:
-            anyio.run(send_mail, config.email, mail.subject, mail.body)
-        except MailError as exc:
-            self._results.put(("error", f"not sent: {exc}"))
-        except Exception as exc:
-            self._results.put(("error", f"not sent: {type(exc).__name__}: {exc}"))
-        else:
-            email = config.email
-            self._results.put(
-                (
-                    "ok",
-                    f"sent to {', '.join(email.recipients)} via {email.host}:{email.port}",
-                )
-            )
+        # The thread gets the queue, never the dialog: a Tk object must not
+        # be released (and so destroyed) by any thread but Tk's own.
+        threading.Thread(target=_send_test, args=(config, self._results), daemon=True).start()
 
     def _drain_results(self) -> None:
         try:
@@ -504,3 +480,26 @@ def run_dialog(*, config_file: Path | None, service_name: str | None = None) -> 
     ConfigDialog(root, path, backend)
     root.mainloop()
     return 0
+
+
+def _send_test(config: Any, results: queue.Queue[tuple[str, str]]) -> None:
+    """Send the test mail (in a worker thread) and put the outcome on ``results``."""
+    import anyio  # noqa: PLC0415
+
+    from sbs_core.alerts import (  # noqa: PLC0415 - only for the test
+        MailError,
+        compose_mail,
+        email_test_event,
+        send_mail,
+    )
+
+    mail = compose_mail(email_test_event(config))
+    try:
+        anyio.run(send_mail, config.email, mail.subject, mail.body)
+    except MailError as exc:
+        results.put(("error", f"not sent: {exc}"))
+    except Exception as exc:
+        results.put(("error", f"not sent: {type(exc).__name__}: {exc}"))
+    else:
+        email = config.email
+        results.put(("ok", f"sent to {', '.join(email.recipients)} via {email.host}:{email.port}"))
