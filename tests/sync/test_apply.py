@@ -795,3 +795,199 @@ def test_deletion_is_never_allowed_from_an_incomplete_or_emptied_source(
         )
     else:
         assert reason
+
+
+# --- guarded replacement: a change made here meanwhile is kept ------------------------------
+
+
+@pytest.fixture(params=["atomic exchange", "look again"])
+def swap(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a guarded rename works: renameat2 (Linux), and the portable re-check."""
+    if request.param == "atomic exchange" and apply._RENAMEAT2 is None:
+        pytest.skip("renameat2 is Linux's")
+    if request.param == "look again":
+        monkeypatch.setattr(apply, "_RENAMEAT2", None)
+    return str(request.param)
+
+
+def save_like_an_application(path: Path, data: bytes) -> None:
+    """Write a new version the way editors do: a new file renamed over the old one."""
+    scratch = path.with_name(path.name + ".saving")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
+
+
+def kept_files(site: Site) -> dict[str, bytes]:
+    if not site.conflicts.exists():
+        return {}
+    return {
+        p.name: p.read_bytes()
+        for p in site.conflicts.rglob("*")
+        if p.is_file() and p.name not in ("README.txt", "conflict.json")
+    }
+
+
+def identity(path: Path) -> apply.FileIdentity:
+    return apply.identity_of(os.lstat(path))
+
+
+def test_a_change_saved_here_during_the_flush_is_kept_not_overwritten(
+    site: Site, swap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site.root.mkdir()
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    applier = site.applier(durable=True)
+    incoming = receive(applier, "label.lab", b"the peer's version")
+    incoming.guard(identity(target))  # the receiver looked: unchanged here
+    real_syncfs = apply._SYNCFS
+
+    def syncfs_while_a_user_saves(fd: int) -> int:
+        save_like_an_application(target, b"saved here meanwhile")
+        return 0 if real_syncfs is None else real_syncfs(fd)
+
+    monkeypatch.setattr(apply, "_SYNCFS", syncfs_while_a_user_saves)
+    if real_syncfs is None:  # the per-file fsync path: save before it instead
+        save_like_an_application(target, b"saved here meanwhile")
+
+    [outcome] = applier.commit([incoming])
+
+    assert outcome.status == "applied"
+    assert target.read_bytes() == b"the peer's version"
+    assert outcome.kept is not None
+    assert outcome.kept.read_bytes() == b"saved here meanwhile"
+    details = json.loads((outcome.kept.parents[1] / "conflict.json").read_text("utf-8"))
+    assert details["reason"] == "changed on this node while the peer's version was applied"
+    assert details["original"] == str(target)
+    assert temp_files(site.sandbox) == []
+
+
+def test_the_file_looked_at_is_replaced_and_nothing_is_kept(site: Site, swap: str) -> None:
+    site.root.mkdir()
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    applier = site.applier(durable=True)
+    incoming = receive(applier, "label.lab", b"new")
+    incoming.guard(identity(target))
+
+    [outcome] = applier.commit([incoming])
+
+    assert (outcome.status, outcome.kept) == ("applied", None)
+    assert target.read_bytes() == b"new"
+    assert kept_files(site) == {}
+    assert temp_files(site.sandbox) == []
+
+
+def test_a_file_created_here_after_the_look_is_kept(site: Site, swap: str) -> None:
+    site.root.mkdir()
+    applier = site.applier()
+    incoming = receive(applier, "label.lab", b"the peer's version")
+    incoming.guard(None)  # nothing was there when the receiver looked
+    (site.root / "label.lab").write_bytes(b"created here meanwhile")
+
+    [outcome] = applier.commit([incoming])
+
+    assert outcome.status == "applied"
+    assert (site.root / "label.lab").read_bytes() == b"the peer's version"
+    assert kept_files(site) == {"label.lab": b"created here meanwhile"}
+
+
+def test_a_file_removed_here_after_the_look_is_simply_replaced(site: Site, swap: str) -> None:
+    site.root.mkdir()
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    applier = site.applier()
+    incoming = receive(applier, "label.lab", b"the peer's version")
+    incoming.guard(identity(target))
+    target.unlink()
+
+    [outcome] = applier.commit([incoming])
+
+    assert (outcome.status, outcome.kept) == ("applied", None)
+    assert target.read_bytes() == b"the peer's version"
+    assert kept_files(site) == {}
+
+
+def test_a_folder_in_the_way_of_a_guarded_file_stays_and_is_retried(
+    site: Site, swap: str
+) -> None:
+    site.root.mkdir()
+    applier = site.applier()
+    incoming = receive(applier, "label.lab", b"the peer's version")
+    incoming.guard(None)
+    (site.root / "label.lab").mkdir()
+    (site.root / "label.lab" / "inside").write_bytes(b"keep me")
+
+    [outcome] = applier.commit([incoming])
+
+    assert outcome.status == "retry"
+    assert (site.root / "label.lab" / "inside").read_bytes() == b"keep me"
+    assert temp_files(site.sandbox) == []
+
+
+def test_when_the_change_cannot_be_kept_nothing_is_replaced(site: Site, swap: str) -> None:
+    site.root.mkdir()
+    site.conflicts.write_bytes(b"a file where the conflicts folder should be")
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    applier = site.applier()
+    incoming = receive(applier, "label.lab", b"the peer's version")
+    incoming.guard(identity(target))
+    save_like_an_application(target, b"saved here meanwhile")
+
+    [outcome] = applier.commit([incoming])
+
+    assert outcome.status == "retry"
+    assert target.read_bytes() == b"saved here meanwhile"
+    assert temp_files(site.sandbox) == []
+
+
+def test_two_guarded_files_for_one_target_keep_nothing_of_the_batch(
+    site: Site, swap: str
+) -> None:
+    site.root.mkdir()
+    target = site.root / "same.lab"
+    target.write_bytes(b"agreed")
+    applier = site.applier()
+    batch = [receive(applier, "same.lab", b"first"), receive(applier, "same.lab", b"second")]
+    for incoming in batch:
+        incoming.guard(identity(target))
+
+    outcomes = applier.commit(batch)
+
+    assert [(o.status, o.kept) for o in outcomes] == [("applied", None), ("applied", None)]
+    assert target.read_bytes() == b"second"
+    assert kept_files(site) == {}
+
+
+def test_a_guarded_delete_keeps_a_file_saved_here_since_the_look(site: Site) -> None:
+    site.root.mkdir()
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    looked_at = identity(target)
+    save_like_an_application(target, b"saved here meanwhile")
+    applier = site.applier(durable=True)
+
+    [outcome] = applier.delete_many(ROOT_ID, ["label.lab"], replaces={"label.lab": looked_at})
+
+    assert outcome.status == "applied"
+    assert not target.exists()
+    assert outcome.kept is not None
+    assert outcome.kept.read_bytes() == b"saved here meanwhile"
+    assert temp_files(site.sandbox) == []
+
+
+def test_a_guarded_delete_of_the_file_looked_at_keeps_nothing(site: Site) -> None:
+    site.root.mkdir()
+    target = site.root / "label.lab"
+    target.write_bytes(b"agreed version")
+    applier = site.applier()
+
+    [outcome] = applier.delete_many(
+        ROOT_ID, ["label.lab"], replaces={"label.lab": identity(target)}
+    )
+
+    assert (outcome.status, outcome.kept) == ("applied", None)
+    assert not target.exists()
+    assert kept_files(site) == {}
+    assert temp_files(site.sandbox) == []

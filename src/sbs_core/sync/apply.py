@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -40,6 +41,7 @@ import stat
 import sys
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,11 +65,13 @@ __all__ = (
     "DEFAULT_MAX_DELETE_COUNT",
     "DEFAULT_MAX_DELETE_SHARE",
     "Applier",
+    "FileIdentity",
     "Incoming",
     "IntegrityError",
     "Outcome",
     "OutcomeStatus",
     "deletion_allowed",
+    "identity_of",
 )
 
 DEFAULT_MAX_DELETE_COUNT: int | None = None
@@ -106,6 +110,18 @@ class Outcome:
     path: str
     status: OutcomeStatus
     reason: str = ""
+    #: This node's copy, kept in the conflicts folder because it changed here
+    #: while the peer's version was being applied (see :meth:`Incoming.guard`).
+    kept: Path | None = None
+
+
+FileIdentity = tuple[int, int, int]
+"""What tells two versions of a file apart without reading it: inode, size, mtime (ns)."""
+
+
+def identity_of(info: os.stat_result) -> FileIdentity:
+    """The identity of a file from its ``lstat``: a new version has a new one."""
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _find_syncfs() -> Callable[[int], int] | None:
@@ -123,6 +139,50 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 # Looked up at call time, so tests can count the calls or force the fallback.
 _SYNCFS = _find_syncfs()
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _find_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None  # glibc older than 2.28
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+# Looked up at call time, like _SYNCFS: tests force the portable fallback.
+_RENAMEAT2 = _find_renameat2()
+
+
+class _NoAtomicSwap(Exception):
+    """This system or filesystem cannot exchange two names atomically."""
+
+
+def _rename2(source: Path, target: Path, flags: int) -> None:
+    """``renameat2(2)``: OSError as the kernel says, :class:`_NoAtomicSwap` if unsupported."""
+    function = _RENAMEAT2
+    if function is None:
+        raise _NoAtomicSwap
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+        return
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        raise _NoAtomicSwap
+    raise OSError(code, os.strerror(code), str(source), None, str(target))
 
 
 class Incoming:
@@ -159,6 +219,8 @@ class Incoming:
         self._hasher = new_hasher()
         self._written = 0
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
+        self._guarded = False
+        self._replaces: FileIdentity | None = None
         # A dropped Incoming must not leave its temporary file for the next
         # cleanup, nor an unclosed file for the garbage collector to warn about.
         self._discard = weakref.finalize(self, _discard_temp, file, temp)
@@ -180,6 +242,20 @@ class Incoming:
     def pending(self) -> bool:
         """True while the temporary file exists: open or finished, not yet committed."""
         return self._state in ("open", "finished")
+
+    def guard(self, replaces: FileIdentity | None) -> None:
+        """Keep this node's file if it is not ``replaces`` when this one replaces it.
+
+        The caller has looked at the target (and kept it as a conflict if it
+        had changed here); ``replaces`` is the identity of the file it looked
+        at, None if there was none. If anything else is at the target at the
+        instant of the rename (a local program wrote it in between), it goes to
+        the conflicts folder and the Outcome names the copy. On Linux the
+        rename is an atomic exchange, so nothing written at any moment is lost;
+        elsewhere the target is looked at once more just before the rename.
+        """
+        self._guarded = True
+        self._replaces = replaces
 
     def expect(self, digest: str) -> None:
         """Set the content hash to check, when it arrives after the data (a ``Seal``)."""
@@ -403,12 +479,20 @@ class Applier:
                         outcomes[i] = batch[i]._drop("retry", f"cannot flush the file: {reason}")
 
         folders: dict[Path, list[int]] = {}
+        repeated = {t for t, n in Counter(i.target for i in batch).items() if n > 1}
+        placed: dict[Path, FileIdentity] = {}
         for i, incoming in enumerate(batch):
             if outcomes[i] is not None:
                 continue
+            if incoming.target in placed and incoming._guarded:
+                # What the batch put there is no change of this node's.
+                incoming._replaces = placed[incoming.target]
             outcome = outcomes[i] = self._rename(incoming)
             if outcome.status == "applied":
                 folders.setdefault(incoming.target.parent, []).append(i)
+                if incoming.target in repeated:
+                    with contextlib.suppress(OSError):
+                        placed[incoming.target] = identity_of(os.lstat(incoming.target))
         for created in made:
             # A new folder's own name lives in its parent.
             folders.setdefault(created.parent, [])
@@ -432,7 +516,13 @@ class Applier:
         """Delete one regular file; see :meth:`delete_many`."""
         return self.delete_many(root_id, [path])[0]
 
-    def delete_many(self, root_id: str, paths: Iterable[str]) -> list[Outcome]:
+    def delete_many(
+        self,
+        root_id: str,
+        paths: Iterable[str],
+        *,
+        replaces: Mapping[str, FileIdentity | None] | None = None,
+    ) -> list[Outcome]:
         """Delete regular files of one root, flushing each folder once.
 
         Every path is checked first, so an unsafe one raises
@@ -441,12 +531,19 @@ class Applier:
         file is refused, never removed or followed. Folders emptied by a
         deletion are kept: sbs only replicates files, and an empty folder may
         matter to the application (or be receiving a file in another thread).
+
+        ``replaces`` guards deletions as :meth:`Incoming.guard` guards
+        replacements: a path in it is first moved aside (atomically), and the
+        file found there is kept as a conflict unless it has the identity given.
         """
         wanted = [(path, self.target_of(root_id, path)) for path in paths]
         outcomes: list[Outcome] = []
         folders: dict[Path, list[int]] = {}
         for path, target in wanted:
-            outcome, deleted = _delete_file(root_id, path, target)
+            if replaces is not None and path in replaces:
+                outcome, deleted = self._delete_guarded(root_id, path, target, replaces[path])
+            else:
+                outcome, deleted = _delete_file(root_id, path, target)
             if deleted:
                 folders.setdefault(target.parent, []).append(len(outcomes))
             outcomes.append(outcome)
@@ -464,7 +561,9 @@ class Applier:
                         )
         return outcomes
 
-    def keep_conflict(self, root_id: str, path: str, *, reason: str) -> Path | None:
+    def keep_conflict(
+        self, root_id: str, path: str, *, reason: str, source: Path | None = None
+    ) -> Path | None:
         """Copy this node's file to ``conflicts_dir`` before the peer's version replaces it.
 
         The copy goes to ``<conflicts_dir>/<UTC time>/<root id>/<path>`` with
@@ -473,8 +572,18 @@ class Applier:
         copy, or None if there is no regular file to keep. An :class:`OSError`
         (the file is locked, the disk is full) propagates: then the file must
         not be overwritten either.
+
+        ``source`` is where this node's file is now, if not at its own path
+        (moved aside the instant the peer's version took its place); it is
+        moved into the conflicts folder when both are on one filesystem.
         """
-        source = self.target_of(root_id, path)
+        original = self.target_of(root_id, path)
+        if source is not None:
+            moved = self._move_conflict(root_id, path, original, source, reason)
+            if moved is not None:
+                return moved
+        else:
+            source = original
         try:
             if not stat.S_ISREG(os.lstat(source).st_mode):
                 # A folder blocks the rename; a link is replaced, never what it points to.
@@ -504,6 +613,68 @@ class Applier:
         os.utime(kept, ns=(info.st_atime_ns, info.st_mtime_ns))
         if self.durable:
             _fsync_path(kept)
+        self._describe_conflict(
+            folder=folder,
+            created=created,
+            root_id=root_id,
+            path=path,
+            inner=inner,
+            source=original,
+            reason=reason,
+            now=now,
+            info=info,
+        )
+        return kept
+
+    def _move_conflict(
+        self, root_id: str, path: str, original: Path, source: Path, reason: str
+    ) -> Path | None:
+        """Move ``source`` into a new conflict folder; None if they are on two filesystems."""
+        now = datetime.now(UTC)
+        folder, created = self._new_conflict_folder(now)
+        inner = Path(_folder_name(root_id), *check_wire_path(path).parts)
+        kept = folder / inner
+        for parent in reversed(inner.parents[:-1]):
+            os.mkdir(folder / parent)
+            created.append(folder / parent)
+        try:
+            os.rename(source, kept)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # empty: the copy makes its own
+            return None
+        info = os.lstat(kept)
+        if self.durable and not _WINDOWS:
+            _fsync_folder(source.parent)  # the name left the synced folder
+        self._describe_conflict(
+            folder=folder,
+            created=created,
+            root_id=root_id,
+            path=path,
+            inner=inner,
+            source=original,
+            reason=reason,
+            now=now,
+            info=info,
+        )
+        return kept
+
+    def _describe_conflict(
+        self,
+        *,
+        folder: Path,
+        created: list[Path],
+        root_id: str,
+        path: str,
+        inner: Path,
+        source: Path,
+        reason: str,
+        now: datetime,
+        info: os.stat_result,
+    ) -> None:
+        """Write the README and conflict.json beside a kept file, and flush the folders."""
+        kept = folder / inner
         details = {
             "format": 1,
             "root": root_id,
@@ -529,7 +700,6 @@ class Applier:
         if self.durable and not _WINDOWS:
             for flushed in sorted({kept.parent, *(c.parent for c in created)}):
                 _fsync_folder(flushed)
-        return kept
 
     def abort_all(self) -> int:
         """Abort every transfer still pending through this Applier; return how many.
@@ -596,15 +766,131 @@ class Applier:
             return incoming._drop("retry", f"cannot check the path: {_why(exc)}")
         if target != incoming.target:
             return incoming._drop("retry", "its folder moved while the file was received")
+        kept = None
         try:
-            os.replace(incoming.temp_path, target)
+            if incoming._guarded:
+                kept = self._replace_guarded(incoming, target)
+            else:
+                os.replace(incoming.temp_path, target)
         except IsADirectoryError:
             return incoming._drop("retry", "a folder is in the way")
         except OSError as exc:
             if _WINDOWS and target.is_dir():
                 return incoming._drop("retry", "a folder is in the way")
             return incoming._drop("retry", f"cannot replace the file: {_why(exc)}")
-        return incoming._committed()
+        outcome = incoming._committed()
+        return outcome if kept is None else dataclasses.replace(outcome, kept=kept)
+
+    def _replace_guarded(self, incoming: Incoming, target: Path) -> Path | None:
+        """Rename ``incoming`` over ``target``, keeping an unexpected file found there."""
+        temp, expected = incoming.temp_path, incoming._replaces
+        try:
+            if expected is None:
+                try:
+                    _rename2(temp, target, _RENAME_NOREPLACE)
+                except FileExistsError:
+                    pass  # made here since it was looked at: exchanged and kept below
+                else:
+                    return None
+            try:
+                _rename2(temp, target, _RENAME_EXCHANGE)
+            except FileNotFoundError:
+                _rename2(temp, target, _RENAME_NOREPLACE)  # gone since: nothing to keep
+                return None
+        except _NoAtomicSwap:
+            return self._replace_checked(incoming, target)
+        # Whatever was at the target at that instant now has the temporary name.
+        return self._settle_displaced(
+            incoming.root_id, incoming.path, target, temp, expected, swapped=True
+        )
+
+    def _replace_checked(self, incoming: Incoming, target: Path) -> Path | None:
+        """Without an atomic exchange: look once more, just before ``os.replace``."""
+        try:
+            info: os.stat_result | None = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            info = None
+        kept = None
+        unexpected = info is not None and identity_of(info) != incoming._replaces
+        if unexpected and info is not None and stat.S_ISREG(info.st_mode):
+            kept = self.keep_conflict(incoming.root_id, incoming.path, reason=_CHANGED_MEANWHILE)
+        os.replace(incoming.temp_path, target)
+        return kept
+
+    def _delete_guarded(
+        self, root_id: str, path: str, target: Path, expected: FileIdentity | None
+    ) -> tuple[Outcome, bool]:
+        outcome, deleted = _delete_file(root_id, path, target, dry_run=True)
+        if not deleted:
+            return outcome, False
+        aside = target.parent / _temp_name(target.name)
+        try:
+            os.rename(target, aside)  # a random new name: nothing is replaced
+        except (FileNotFoundError, NotADirectoryError):
+            return Outcome(root_id, path, "applied", "already absent"), False
+        except OSError as exc:
+            return Outcome(root_id, path, "retry", f"cannot delete the file: {_why(exc)}"), False
+        try:
+            if not stat.S_ISREG(os.lstat(aside).st_mode):
+                # Became a folder or a link since the check: never deleted, put back.
+                _move_noreplace(aside, target)
+                return Outcome(root_id, path, "refused", "not a regular file any more"), False
+            kept = self._settle_displaced(root_id, path, target, aside, expected, swapped=False)
+        except OSError as exc:
+            return Outcome(
+                root_id, path, "retry", f"cannot keep this node's copy: {_why(exc)}"
+            ), False
+        return Outcome(root_id, path, "applied", kept=kept), True
+
+    def _settle_displaced(
+        self,
+        root_id: str,
+        path: str,
+        target: Path,
+        displaced: Path,
+        expected: FileIdentity | None,
+        *,
+        swapped: bool,
+    ) -> Path | None:
+        """Keep or remove the file moved from ``target`` to ``displaced``.
+
+        ``swapped``: the two names were exchanged (a new file is at the target),
+        else the file was only moved aside. A folder found there goes back
+        (IsADirectoryError); a file that is not ``expected`` is kept as a
+        conflict first, and if that fails it goes back too, and the error
+        propagates: nothing of this node's is ever deleted unkept.
+        """
+
+        def put_back() -> None:
+            try:
+                if swapped:
+                    _rename2(displaced, target, _RENAME_EXCHANGE)
+                else:
+                    _move_noreplace(displaced, target)
+            except OSError:
+                # Never left under a temporary name, which the next cleanup removes.
+                aside = target.with_name(f"{target.name}.sbs-kept-{secrets.token_hex(4)}")
+                os.rename(displaced, aside)
+                raise OSError(
+                    errno.EIO, f"could not keep this node's file; it is at {aside}", str(target)
+                ) from None
+
+        info = os.lstat(displaced)
+        if stat.S_ISDIR(info.st_mode):
+            put_back()
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(target))
+        kept = None
+        if stat.S_ISREG(info.st_mode) and identity_of(info) != expected:
+            try:
+                kept = self.keep_conflict(
+                    root_id, path, reason=_CHANGED_MEANWHILE, source=displaced
+                )
+            except OSError:
+                if os.path.lexists(displaced):
+                    put_back()
+                raise
+        _unlink_quietly(displaced)
+        return kept
 
     def _new_conflict_folder(self, now: datetime) -> tuple[Path, list[Path]]:
         created = list(_make_root(Path(os.path.realpath(self.conflicts_dir))))
@@ -782,8 +1068,23 @@ def _copy_mode(fd: int, target: Path) -> None:
         os.fchmod(fd, stat.S_IMODE(info.st_mode))
 
 
-def _delete_file(root_id: str, path: str, target: Path) -> tuple[Outcome, bool]:
-    """The outcome of deleting ``target``, and whether this call removed a file."""
+def _move_noreplace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` unless something is there (FileExistsError)."""
+    try:
+        _rename2(source, target, _RENAME_NOREPLACE)
+    except _NoAtomicSwap:
+        if not _WINDOWS and os.path.lexists(target):  # Windows' rename never replaces
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.rename(source, target)
+
+
+def _delete_file(
+    root_id: str, path: str, target: Path, *, dry_run: bool = False
+) -> tuple[Outcome, bool]:
+    """The outcome of deleting ``target``, and whether this call removed a file.
+
+    With ``dry_run``, only the checks: ``True`` means a regular file to delete.
+    """
     try:
         info = os.lstat(target)
     except (FileNotFoundError, NotADirectoryError):
@@ -797,6 +1098,8 @@ def _delete_file(root_id: str, path: str, target: Path) -> tuple[Outcome, bool]:
         return Outcome(root_id, path, "refused", "a folder, which sync never deletes"), False
     if not stat.S_ISREG(info.st_mode):
         return Outcome(root_id, path, "refused", "not a regular file"), False
+    if dry_run:
+        return Outcome(root_id, path, "applied"), True
     try:
         os.unlink(target)
     except FileNotFoundError:
@@ -805,6 +1108,8 @@ def _delete_file(root_id: str, path: str, target: Path) -> tuple[Outcome, bool]:
         return Outcome(root_id, path, "retry", f"cannot delete the file: {_why(exc)}"), False
     return Outcome(root_id, path, "applied"), True
 
+
+_CHANGED_MEANWHILE = "changed on this node while the peer's version was applied"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -47,7 +47,15 @@ from sbs_core.messages import (
     SyncMessage,
     SyncStart,
 )
-from sbs_core.sync.apply import Applier, Incoming, IntegrityError, Outcome, deletion_allowed
+from sbs_core.sync.apply import (
+    Applier,
+    FileIdentity,
+    Incoming,
+    IntegrityError,
+    Outcome,
+    deletion_allowed,
+    identity_of,
+)
 from sbs_core.sync.index import HashIndex
 from sbs_core.sync.paths import UnsafePathError
 from sbs_core.sync.roots import (
@@ -1400,7 +1408,7 @@ class _Receiving:
         self.ready_bytes = 0
         index = self.engine.index
         for f, incoming in batch:
-            self._keep_if_changed_here(f.root, f.path, incoming.digest)
+            incoming.guard(self._keep_if_changed_here(f.root, f.path, incoming.digest))
         outcomes = self.applier.commit([incoming for _, incoming in batch])
         rows = []
         for (f, incoming), outcome in zip(batch, outcomes, strict=True):
@@ -1418,30 +1426,44 @@ class _Receiving:
         self.engine.status.files_received += len(rows)
         self._count(outcomes)
 
-    def _keep_if_changed_here(self, root: str, path: str, incoming: str | None) -> None:
-        """A file changed on this node since its base is kept, never overwritten silently."""
+    def _keep_if_changed_here(
+        self, root: str, path: str, incoming: str | None
+    ) -> FileIdentity | None:
+        """A file changed on this node since its base is kept, never overwritten silently.
+
+        Returns the identity of the file looked at (None: there was none), for
+        :meth:`Incoming.guard`: a change made here after this look is kept too.
+        """
         engine = self.engine
-        mine = engine.local_digest(root, path, self.applier.target_of(root, path))
+        target = self.applier.target_of(root, path)
+        try:
+            looked_at: FileIdentity | None = identity_of(os.lstat(target))
+        except OSError:
+            return None
+        mine = engine.local_digest(root, path, target)
         if mine is None or mine == incoming:
-            return
+            return looked_at
         if engine.base_of(root, path) == mine:
-            return  # unchanged here since both nodes agreed on it
-        kept = self.applier.keep_conflict(root, path, reason="changed on this node")
+            return looked_at  # unchanged here since both nodes agreed on it
+        self._note_kept(path, self.applier.keep_conflict(root, path, reason="changed on this node"))
+        return looked_at
+
+    def _note_kept(self, path: str, kept: Path | None) -> None:
         if kept is not None:
             logger.warning("%s was changed on this node too: kept at %s", path, kept)
-            engine.status.conflicts.append(str(kept))
+            self.engine.status.conflicts.append(str(kept))
             self.kept.append(str(kept))
 
     def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
-        for path in paths:
-            self._keep_if_changed_here(root, path, None)
-        outcomes = self.applier.delete_many(root, paths)
+        looked_at = {path: self._keep_if_changed_here(root, path, None) for path in paths}
+        outcomes = self.applier.delete_many(root, paths, replaces=looked_at)
         self.engine.index.delete_many([(root, p) for p in paths])
         self.engine._set_bases([], [(root, p) for p in paths])
         return outcomes
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         for o in outcomes:
+            self._note_kept(o.path, o.kept)
             if o.status == "applied":
                 self.applied += 1
             elif o.status == "retry":
