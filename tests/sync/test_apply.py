@@ -908,9 +908,7 @@ def test_a_file_removed_here_after_the_look_is_simply_replaced(site: Site, swap:
     assert kept_files(site) == {}
 
 
-def test_a_folder_in_the_way_of_a_guarded_file_stays_and_is_retried(
-    site: Site, swap: str
-) -> None:
+def test_a_folder_in_the_way_of_a_guarded_file_stays_and_is_retried(site: Site, swap: str) -> None:
     site.root.mkdir()
     applier = site.applier()
     incoming = receive(applier, "label.lab", b"the peer's version")
@@ -942,9 +940,7 @@ def test_when_the_change_cannot_be_kept_nothing_is_replaced(site: Site, swap: st
     assert temp_files(site.sandbox) == []
 
 
-def test_two_guarded_files_for_one_target_keep_nothing_of_the_batch(
-    site: Site, swap: str
-) -> None:
+def test_two_guarded_files_for_one_target_keep_nothing_of_the_batch(site: Site, swap: str) -> None:
     site.root.mkdir()
     target = site.root / "same.lab"
     target.write_bytes(b"agreed")
