@@ -563,10 +563,22 @@ def disk_used_kib(host: Host) -> int:
 
 
 def fill_disk(host: Host, *, spare_kib: int = 16) -> int:
-    """Shrink ``host``'s volume to what it holds plus ``spare_kib`` (full); its new size."""
-    size = disk_used_kib(host) + spare_kib
-    disk_space(host, size)
-    return size
+    """Shrink ``host``'s volume to what it holds plus ``spare_kib`` (full); its new size.
+
+    The node may write between the measure and the remount, and tmpfs refuses
+    a size below what it holds ("Too small a size for current use"): measured
+    again, with twice the spare, a few times.
+    """
+    for attempt in range(5):
+        size = disk_used_kib(host) + spare_kib * 2**attempt
+        try:
+            disk_space(host, size)
+        except RuntimeError:
+            if attempt == 4:
+                raise
+            continue
+        return size
+    raise AssertionError("unreachable")
 
 
 def disk_space(host: Host, size_kib: int) -> None:
