@@ -286,7 +286,10 @@ class Incoming:
         try:
             rest = view
             while rest:  # unbuffered: a short write only on a full disk or a signal
-                rest = rest[self._file.write(rest) or 0 :]
+                took = self._file.write(rest)
+                if not took:
+                    raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
+                rest = rest[took:]
         except BaseException:
             self.abort()
             raise
