@@ -215,12 +215,9 @@ def verify_equal(src: Path, dst: Path) -> None:
         raise RunFailed(f"verification: {len(theirs)} extra files in {dst}, e.g. {min(theirs)}")
 
 
-def empty_folder(folder: Path) -> None:
+def empty_folder(folder: Path, discard: Callable[[Path], None]) -> None:
     for child in list(folder.iterdir()):
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+        discard(child)
 
 
 # ---------------------------------------------------------------------- processes
@@ -625,11 +622,24 @@ class Context:
     def settle(self) -> None:
         """Flush what the last run left in the page cache, then let the disk calm down.
 
-        Creating many files shortly after deleting many is slower on this kind
-        of disk, and a previous run's write-back must not land in the next one.
+        A previous run's write-back must not land in the next one.
         """
         os.sync()
         time.sleep(self.pause)
+
+    def discard(self, path: Path) -> None:
+        """Put a finished run's copy aside, deleted only when every run is done.
+
+        Deleting 20,000 files makes the next 20,000 creations slow on ext4
+        (without a journal, its inode allocator steps over every inode freed
+        in the last minutes: `recently_deleted` in kernel profiles): whichever
+        tool ran after a deletion was measured against the file system's
+        bookkeeping, by up to 4 times, and the figures depended on the order.
+        """
+        graveyard = self.work / "discarded"
+        graveyard.mkdir(exist_ok=True)
+        if path.exists():
+            os.rename(path, graveyard / f"{len(list(graveyard.iterdir()))}-{path.name}")
 
     def keep_logs(self, pair: Pair, tag: str) -> None:
         if self.logs is None:
@@ -660,7 +670,7 @@ def run_sbs(
                 ctx.keep_logs(run.pair, tag)
         return result
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        ctx.discard(root)
         if not data.is_dir():
             raise RunFailed(f"the data set did not come back to {data}")
 
@@ -677,13 +687,14 @@ def run_rsync(
             verify_equal(data, daemon.dst)
         return took
     finally:
-        empty_folder(daemon.dst)
+        empty_folder(daemon.dst, ctx.discard)
 
 
 def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     res = SetResult(ds)
     say = ctx.say
-    need = 2 * ds.total + 512 * MIB
+    # Every run's copy stays until the end (Context.discard).
+    need = (2 * len(VARIANTS) * ctx.runs + 2) * ds.total + 512 * MIB
     free = shutil.disk_usage(ctx.work).free
     if free < need:
         res.failures.append(
@@ -713,7 +724,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
             steady = measure_steady(ctx, ds, data)
     finally:
         daemon.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        ctx.discard(folder)
     add_set_notes(res)
     return res, steady
 
@@ -783,7 +794,7 @@ def measure_steady(ctx: Context, ds: DataSet, data: Path) -> Steady:
             finally:
                 ctx.keep_logs(run.pair, "small-steady")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        ctx.discard(root)
     return out
 
 
@@ -1070,10 +1081,13 @@ def method(runs: int, pause: float) -> str:
         "loopback, timed from its process start to its exit, on the very same source "
         "files. rsync does not flush to disk; sbs does with `durable_writes = true` (the "
         "default: one `syncfs` per batch). Runs alternate sbs (durable), rsync, sbs (not "
-        f"durable), rsync, {runs} rounds; after every run the written copy is deleted, then "
-        f"`sync` and a {pause:g} s pause. The ratio is sbs's median over rsync's median "
-        "(all rsync runs of the set); 'pairs' is the range of each sbs run over the rsync "
-        "run right after it. The first round's copies are compared byte for byte with the "
+        f"durable), rsync, {runs} rounds; after every run the written copy is moved aside "
+        "(all copies are deleted only once every set is done: on this ext4 file system, "
+        "files created within minutes of a mass deletion are several times slower to "
+        f"create, for either tool), then `sync` and a {pause:g} s pause. The ratio is "
+        "sbs's median over rsync's median (all rsync runs of the set); 'pairs' is the "
+        "range of each sbs run over the rsync run right after it. The first round's "
+        "copies are compared byte for byte with the "
         "source, outside the timed part. Figures are medians with (min-max); 'met?' "
         "compares the median, except memory and silence (worst run). Figures 2 and 3 use "
         "one more pair, on the configuration's defaults (heartbeat "

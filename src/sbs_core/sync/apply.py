@@ -40,13 +40,14 @@ import shutil
 import stat
 import sys
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Literal
 
 from sbs_core.errors import LocalProtocolError, SbsError
@@ -56,6 +57,7 @@ from sbs_core.sync.paths import (
     TEMP_PREFIX,
     UnsafePathError,
     _is_link,
+    check_wire_name,
     check_wire_path,
     resolve_inside,
 )
@@ -140,6 +142,9 @@ def _find_syncfs() -> Callable[[int], int] | None:
 # Looked up at call time, so tests can count the calls or force the fallback.
 _SYNCFS = _find_syncfs()
 
+# Times set through the open file: no path lookup (not on Windows).
+_FD_TIMES = os.utime in os.supports_fd
+
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -221,6 +226,11 @@ class Incoming:
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
         self._guarded = False
         self._replaces: FileIdentity | None = None
+        #: What ``begin`` found at the target: its lstat, or None when nothing was there.
+        self.found: os.stat_result | None = None
+        # The temporary file's own lstat once finished (its device, and its
+        # identity, which the rename keeps): no path lookup needed later.
+        self._finished_info: os.stat_result | None = None
         # A dropped Incoming must not leave its temporary file for the next
         # cleanup, nor an unclosed file for the garbage collector to warn about.
         self._discard = weakref.finalize(self, _discard_temp, file, temp)
@@ -274,7 +284,12 @@ class Incoming:
             self.abort()
             raise IntegrityError(f"{self.path}: received more than the announced {self.size} bytes")
         try:
-            self._file.write(view)
+            rest = view
+            while rest:  # unbuffered: a short write only on a full disk or a signal
+                took = self._file.write(rest)
+                if not took:
+                    raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
+                rest = rest[took:]
         except BaseException:
             self.abort()
             raise
@@ -285,7 +300,12 @@ class Incoming:
         """Close the temporary file and check its size and hash; on a mismatch, abort."""
         self._require("open")
         try:
-            self._file.close()  # a full disk may only show up here, on the last flush
+            fd = self._file.fileno()
+            if self._applier.preserve_timestamps and _FD_TIMES:
+                # Set on the temporary file, so the target never shows the copy time.
+                os.utime(fd, ns=(time.time_ns(), self.mtime_ns))
+            self._finished_info = os.fstat(fd)
+            self._file.close()  # a full disk may only show up here
         except BaseException:
             self.abort()
             raise
@@ -311,6 +331,12 @@ class Incoming:
         if self.pending:
             self._state = "aborted"
             self._discard()
+
+    @property
+    def identity(self) -> FileIdentity | None:
+        """The identity of the file as finished (and so as committed), if known."""
+        info = self._finished_info
+        return None if info is None else identity_of(info)
 
     def _require(self, state: str) -> None:
         if self._state != state:
@@ -375,8 +401,11 @@ class Applier:
         # of a batch share a few folders, and checking every folder of every
         # path twice per file cost dozens of system calls a file. Each commit
         # starts afresh, so its renames check every folder once more.
-        self._checked: dict[tuple[str, PurePosixPath], Path] = {}
+        # Keyed by the wire path's folder as text: wire paths are canonical (no
+        # empty, "." or ".." component), and hashing a PurePath costs more.
+        self._checked: dict[tuple[str, str], Path] = {}
         self._made: set[Path] = set()
+        self._made_now: set[Path] = set()  # made by this Applier since the last commit
         self._new_folders: list[Path] = []  # made since the last commit
 
     def target_of(self, root_id: str, path: str) -> Path:
@@ -384,13 +413,13 @@ class Applier:
         root = self.roots.get(root_id)
         if root is None:
             raise UnsafePathError.broken_rule(path, f"names the unknown folder {root_id!r}")
-        rel = check_wire_path(path)
-        key = (root_id, rel.parent)
-        parent = self._checked.get(key)
+        folder, _, name = path.rpartition("/")
+        parent = self._checked.get((root_id, folder))
         if parent is not None:
-            return parent / rel.name
-        target = resolve_inside(root, rel)
-        self._checked[key] = target.parent
+            check_wire_name(path)
+            return parent / name
+        target = resolve_inside(root, check_wire_path(path))
+        self._checked[(root_id, folder)] = target.parent
         return target
 
     def _forget_checks(self, *, take_made: bool = False) -> list[Path]:
@@ -398,6 +427,7 @@ class Applier:
         with self._lock:
             self._checked = {}
             self._made = set()
+            self._made_now = set()
             made: list[Path] = []
             if take_made:
                 made, self._new_folders = self._new_folders, []
@@ -423,12 +453,16 @@ class Applier:
             with self._lock:
                 self._made.add(target.parent)
                 self._new_folders.extend(created)
+                if created and created[-1] == target.parent:
+                    self._made_now.add(target.parent)
         temp = target.parent / _temp_name(target.name)
         fd = os.open(temp, _CREATE_FLAGS, 0o666)
+        found = None
         try:
-            if not created:  # in a folder made just now there is nothing to replace
-                _copy_mode(fd, target)
-            file = open(fd, "wb")  # noqa: SIM115 - closed by finish() or abort()
+            # In a folder made by this batch there is nothing to replace.
+            if target.parent not in self._made_now:
+                found = _copy_mode(fd, target)
+            file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finish() or abort()
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp)
@@ -444,6 +478,7 @@ class Applier:
             mtime_ns=mtime_ns,
             digest=digest,
         )
+        incoming.found = found
         with self._lock:
             self._live.add(incoming)
         return incoming
@@ -462,10 +497,13 @@ class Applier:
         by_device: dict[int, list[int]] = {}
         for i, incoming in enumerate(batch):
             try:
-                info = os.stat(incoming.temp_path)
-                if self.preserve_timestamps:
-                    # Set on the temporary file, so the target never shows the copy time.
-                    os.utime(incoming.temp_path, ns=(info.st_atime_ns, incoming.mtime_ns))
+                info = incoming._finished_info
+                if info is None or (self.preserve_timestamps and not _FD_TIMES):
+                    info = os.stat(incoming.temp_path)
+                    if self.preserve_timestamps:
+                        os.utime(incoming.temp_path, ns=(info.st_atime_ns, incoming.mtime_ns))
+                        info = os.stat(incoming.temp_path)
+                    incoming._finished_info = info
             except OSError as exc:
                 outcomes[i] = incoming._drop("retry", f"cannot prepare the file: {_why(exc)}")
                 continue
@@ -1056,16 +1094,19 @@ def _temp_name(name: str) -> str:
     return prefix + name.encode("utf-8")[:room].decode("utf-8", "ignore")
 
 
-def _copy_mode(fd: int, target: Path) -> None:
-    """Give the new file the permissions of the one it replaces (0600 settings stay 0600)."""
-    if sys.platform == "win32":
-        return  # only a read-only flag there, and it would block the rename
+def _copy_mode(fd: int, target: Path) -> os.stat_result | None:
+    """Give the new file the permissions of the one it replaces (0600 settings stay 0600).
+
+    Returns the target's lstat, None if there is nothing there.
+    """
     try:
         info = os.lstat(target)
     except OSError:
-        return
-    if stat.S_ISREG(info.st_mode):
+        return None
+    # Windows has only a read-only flag, and it would block the rename.
+    if stat.S_ISREG(info.st_mode) and not _WINDOWS:
         os.fchmod(fd, stat.S_IMODE(info.st_mode))
+    return info
 
 
 def _move_noreplace(source: Path, target: Path) -> None:

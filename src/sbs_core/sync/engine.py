@@ -1408,18 +1408,21 @@ class _Receiving:
         self.ready_bytes = 0
         index = self.engine.index
         for f, incoming in batch:
-            incoming.guard(self._keep_if_changed_here(f.root, f.path, incoming.digest))
+            # What begin() found will do: a change made here since is caught by the guard.
+            looked_at = self._keep_if_changed_here(
+                f.root, f.path, incoming.digest, found=incoming.found
+            )
+            incoming.guard(looked_at)
         outcomes = self.applier.commit([incoming for _, incoming in batch])
         rows = []
         for (f, incoming), outcome in zip(batch, outcomes, strict=True):
             if outcome.status == "applied":
-                try:
-                    st = os.stat(incoming.target)
-                except OSError:
+                # The rename keeps what finish() saw: inode, size and times.
+                ino_size_mtime = incoming.identity
+                if ino_size_mtime is None:
                     continue
-                rows.append(
-                    (f.root, f.path, st.st_size, st.st_mtime_ns, st.st_ino, incoming.digest)
-                )
+                ino, size, mtime_ns = ino_size_mtime
+                rows.append((f.root, f.path, size, mtime_ns, ino, incoming.digest))
         if rows:
             index.put_many(rows)
             self.engine._set_bases([(r[0], r[1], r[5]) for r in rows], [])
@@ -1427,19 +1430,28 @@ class _Receiving:
         self._count(outcomes)
 
     def _keep_if_changed_here(
-        self, root: str, path: str, incoming: str | None
+        self,
+        root: str,
+        path: str,
+        incoming: str | None,
+        *,
+        found: os.stat_result | Literal[False] | None = False,
     ) -> FileIdentity | None:
         """A file changed on this node since its base is kept, never overwritten silently.
 
         Returns the identity of the file looked at (None: there was none), for
         :meth:`Incoming.guard`: a change made here after this look is kept too.
         """
+        if found is None:
+            return None
         engine = self.engine
         target = self.applier.target_of(root, path)
-        try:
-            looked_at: FileIdentity | None = identity_of(os.lstat(target))
-        except OSError:
-            return None
+        if found is False:  # not looked at yet
+            try:
+                found = os.lstat(target)
+            except OSError:
+                return None
+        looked_at = identity_of(found)
         mine = engine.local_digest(root, path, target)
         if mine is None or mine == incoming:
             return looked_at

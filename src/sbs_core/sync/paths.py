@@ -41,6 +41,7 @@ __all__ = (
     "MAX_PATH_BYTES",
     "TEMP_PREFIX",
     "UnsafePathError",
+    "check_wire_name",
     "check_wire_path",
     "resolve_inside",
 )
@@ -109,6 +110,13 @@ def check_wire_path(path: str, *, windows: bool = _ON_WINDOWS) -> PurePosixPath:
     if reason is not None:
         raise UnsafePathError.broken_rule(path, reason)
     return PurePosixPath(path)
+
+
+def check_wire_name(path: str, *, windows: bool = _ON_WINDOWS) -> None:
+    """:func:`check_wire_path` without building the path object (the checks only)."""
+    reason = _path_problem(path, windows=windows)
+    if reason is not None:
+        raise UnsafePathError.broken_rule(path, reason)
 
 
 def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
