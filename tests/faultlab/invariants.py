@@ -72,6 +72,7 @@ class Op:
     kind: str  # "write" or "delete"
     digest: str | None  # of the new content (None for a delete)
     base: str | None  # of the content it replaced (None: there was none)
+    stray: bool | None = None  # made while the node ran no sentinels (None: not asked yet)
 
 
 @dataclass
@@ -144,6 +145,10 @@ class Checker:
     polls: int = 0
     #: copies of the churn file seen midway through an in-place write (not a violation).
     unfinished_copies: int = 0
+    #: the node whose churn file is being rewritten in place right now (soak sets it).
+    churning: str | None = None
+    #: workload writes made on a node whose sentinels were not running (see app_was_running).
+    stray_writes: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -186,6 +191,23 @@ class Checker:
     def record(self, op: Op) -> None:
         with self._lock:
             self.ops.append(op)
+
+    def app_was_running(self, node: str, at: float) -> bool:
+        """Whether ``node`` ran its sentinels at ``at``: what makes a write an application's.
+
+        The workload picks a node from the last status polled, which may be
+        up to one poll old: a write can land on a node that has just yielded
+        (its sentinels stopped, its final cycle sent). Such a write is no
+        change of an acting primary; it must still never vanish unkept.
+        """
+        now = time.time()
+        for run in self.lab.runs():
+            if run["node"] != node or run["start"] > at:
+                continue
+            end = run["stop"] if run["stop"] is not None else self.seen_dead.get(run["pid"], now)
+            if at <= float(end):
+                return True
+        return False
 
     def primaries(self) -> list[str]:
         with self._lock:
@@ -264,6 +286,10 @@ class Checker:
         for rel, data in read_tree(host.folder).items():
             if version_of(data) is not None:
                 continue
+            if rel.startswith("churn") and host.name == self.churning:
+                # Read here while the churn rewrites it in place: this reader's own
+                # view of a file changing under it, not something sbs wrote.
+                continue
             if rel.startswith("churn") and is_unfinished_write(data):
                 with self._lock:
                     self.unfinished_copies += 1
@@ -326,10 +352,21 @@ class Checker:
         # Strict sync never empties a copy because the primary's folder became empty
         # (an unmounted share looks like that): then the extra files are expected.
         keep_extra = not src
+        with self._lock:
+            ops = list(self.ops)
+        # A stray write on the secondary (see app_was_running) is not the primary's
+        # to replicate; it stays until the primary changes that file, then is kept.
+        strays_here = {
+            op.digest
+            for op in ops
+            if op.node == secondary.name and op.kind == "write" and self._stray(op)
+        }
         differ = sorted(
             rel
             for rel in set(src) | set(dst)
-            if src.get(rel) != dst.get(rel) and not (keep_extra and rel not in src)
+            if src.get(rel) != dst.get(rel)
+            and not (keep_extra and rel not in src)
+            and not (rel in dst and digest(dst[rel]) in strays_here)
         )
         if differ:
             time.sleep(3.0)  # is it late, or lost for good?
@@ -370,6 +407,9 @@ class Checker:
         Returns how many writes were checked.
         """
         current = {digest(data) for data in read_tree(primary.folder).values()}
+        anywhere = current | {
+            digest(data) for host in self.lab for data in read_tree(host.folder).values()
+        }
         kept = conflict_digests(self.lab)
         with self._lock:
             ops = list(self.ops)
@@ -381,6 +421,8 @@ class Checker:
             and op.digest not in current
             and op.digest not in replaced
             and op.digest not in kept
+            # A stray write (see app_was_running) may still wait on its node.
+            and not (op.digest in anywhere and self._stray(op))
         ]
         for op in lost:
             self.violation(
@@ -393,6 +435,14 @@ class Checker:
             with self._lock:
                 self.ops = [op for op in self.ops if op not in lost]
         return sum(1 for op in ops if op.kind == "write")
+
+    def _stray(self, op: Op) -> bool:
+        if op.stray is None:
+            op.stray = not self.app_was_running(op.node, op.at)
+            if op.stray:
+                with self._lock:
+                    self.stray_writes += 1
+        return op.stray
 
     # -- checks at the end, over the whole run
 

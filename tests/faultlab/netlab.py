@@ -570,7 +570,7 @@ def fill_disk(host: Host, *, spare_kib: int = 16) -> int:
     again, with twice the spare, a few times.
     """
     for attempt in range(5):
-        size = disk_used_kib(host) + spare_kib * 2**attempt
+        size = disk_used_kib(host) + (spare_kib << attempt)
         try:
             disk_space(host, size)
         except RuntimeError:

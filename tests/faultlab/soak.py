@@ -94,6 +94,7 @@ class SoakResult:
     elapsed: float = 0.0
     load_at_start: str = ""
     unfinished_copies: int = 0
+    stray_writes: int = 0
 
     def takeovers(self, kind: str | None = None) -> list[float]:
         return [
@@ -129,6 +130,7 @@ class SoakResult:
             "takeover_alerts": self.takeover_alerts,
             "sentinel_overlap": self.sentinel_overlap,
             "unfinished_copies": self.unfinished_copies,
+            "stray_writes": self.stray_writes,
             "violations": self.violations,
         }
 
@@ -300,6 +302,7 @@ class Soak:
         rel = "churn.bin"
         path = p.folder / rel
         began, count = time.monotonic(), 0
+        self.checker.churning = p.name
         base: str | None = None
         with contextlib.suppress(FileNotFoundError):
             base = digest(path.read_bytes())
@@ -311,6 +314,7 @@ class Soak:
                 write_in_place(path, data)
                 time.sleep(0.03)
         finally:
+            self.checker.churning = None
             self.checker.record(Op(time.time(), p.name, rel, "write", digest(data), base))
         return f"{rel} rewritten in place {count} times on {p.name}"
 
@@ -384,6 +388,7 @@ class Soak:
         self.result.writes, self.result.deletes = self.workload.writes, self.workload.deletes
         self.result.violations = [str(v) for v in self.checker.violations]
         self.result.unfinished_copies = self.checker.unfinished_copies
+        self.result.stray_writes = self.checker.stray_writes
         return self.result
 
     def _schedule(self, began: float) -> None:
@@ -493,7 +498,8 @@ def describe(result: SoakResult) -> list[str]:
     lines = [
         f"seed {s['seed']}, {s['minutes']} minutes (ran {s['elapsed'] / 60:.1f})",
         "faults: " + ", ".join(f"{k} {v}" for k, v in sorted(s["faults"].items())),
-        f"workload: {s['writes']} writes, {s['deletes']} deletes; {s['checkpoints']} checkpoints",
+        f"workload: {s['writes']} writes, {s['deletes']} deletes; {s['checkpoints']} checkpoints"
+        f" (stray writes, on a node just stepped down: {s['stray_writes']})",
         f"promotions {s['promotions']}, takeover alerts {s['takeover_alerts']}; "
         f"sentinels on both nodes {s['sentinel_overlap']:.2f} s in all (inside fault windows)",
     ]
@@ -563,6 +569,10 @@ replicated compared byte for byte, nothing lost). Promotions:
 {result.sentinel_overlap:.2f} s in all, {where}. The file rewritten in place
 by `files_changing` was seen midway through a write (a prefix of one version,
 as on the writer's own disk; never a mix of two) {result.unfinished_copies} times.
+Writes the workload made on a node whose sentinels had just stopped (it picks
+the node from a status up to one poll old), looked at because they were
+missing from the primary: {result.stray_writes}; those count as kept when
+they are still on that node or among its conflict copies.
 
 A *takeover* is counted when the node that was secondary when the fault began
 runs every sentinel afterwards; its time runs from the injection (for
