@@ -810,12 +810,18 @@ class SyncEngine:
         kept_bases = []
         for path, st, digest in candidates:
             theirs = known.get(path)
+            if theirs is None:
+                send.append((path, st, digest))  # the winner has no such file: ours goes
+                continue
             base = self.base_of(root.spec.id, path)
-            if theirs is None or base is None or theirs[1] == base:
+            if base is not None and theirs[1] == base:
                 send.append((path, st, digest))  # the winner left it alone: ours goes
                 continue
+            # No base (the peer's acknowledgement of our last version was lost
+            # with the link) means the winner's version cannot be known
+            # unchanged: it stays, and ours is kept.
             mine = digest or self.local_digest(root.spec.id, path, root.path / path)
-            if mine is None or mine == base:
+            if mine is None or mine == base or mine == theirs[1]:
                 continue  # only the winner changed it: nothing of ours to keep
             kept = keeper.keep_conflict(root.spec.id, path, reason="split brain: changed on both")
             if kept is not None:
