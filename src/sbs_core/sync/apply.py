@@ -190,6 +190,20 @@ def _rename2(source: Path, target: Path, flags: int) -> None:
     raise OSError(code, os.strerror(code), str(source), None, str(target))
 
 
+@dataclass(frozen=True, slots=True)
+class _ConflictPlace:
+    """Where one kept copy goes: ``folder / inner``, and the folders made for it."""
+
+    now: datetime
+    folder: Path
+    created: list[Path]
+    inner: Path
+
+    @property
+    def kept(self) -> Path:
+        return self.folder / self.inner
+
+
 class Incoming:
     """One file being received, written to a temporary file beside its target.
 
@@ -634,13 +648,8 @@ class Applier:
                 return None  # became a link since the check above
             raise
         with open(fd, "rb") as src:
-            now = datetime.now(UTC)
-            folder, created = self._new_conflict_folder(now)
-            inner = Path(_folder_name(root_id), *check_wire_path(path).parts)
-            kept = folder / inner
-            for parent in reversed(inner.parents[:-1]):
-                os.mkdir(folder / parent)
-                created.append(folder / parent)
+            place = self._conflict_place(root_id, path)
+            kept = place.kept
             # Private until it has the source's permissions: it may be a secret.
             with open(os.open(kept, _CREATE_FLAGS, 0o600), "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -651,68 +660,55 @@ class Applier:
         os.utime(kept, ns=(info.st_atime_ns, info.st_mtime_ns))
         if self.durable:
             _fsync_path(kept)
-        self._describe_conflict(
-            folder=folder,
-            created=created,
-            root_id=root_id,
-            path=path,
-            inner=inner,
-            source=original,
-            reason=reason,
-            now=now,
-            info=info,
-        )
+        self._describe_conflict(place, root_id, path, original, reason, info)
         return kept
 
     def _move_conflict(
         self, root_id: str, path: str, original: Path, source: Path, reason: str
     ) -> Path | None:
         """Move ``source`` into a new conflict folder; None if they are on two filesystems."""
-        now = datetime.now(UTC)
-        folder, created = self._new_conflict_folder(now)
-        inner = Path(_folder_name(root_id), *check_wire_path(path).parts)
-        kept = folder / inner
-        for parent in reversed(inner.parents[:-1]):
-            os.mkdir(folder / parent)
-            created.append(folder / parent)
+        place = self._conflict_place(root_id, path)
+        kept = place.kept
         try:
             os.rename(source, kept)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            shutil.rmtree(folder, ignore_errors=True)  # empty: the copy makes its own
+            shutil.rmtree(place.folder, ignore_errors=True)  # empty: the copy makes its own
             return None
         info = os.lstat(kept)
         if self.durable and not _WINDOWS:
             _fsync_folder(source.parent)  # the name left the synced folder
-        self._describe_conflict(
-            folder=folder,
-            created=created,
-            root_id=root_id,
-            path=path,
-            inner=inner,
-            source=original,
-            reason=reason,
-            now=now,
-            info=info,
-        )
+        self._describe_conflict(place, root_id, path, original, reason, info)
         return kept
 
-    def _describe_conflict(
+    def _conflict_place(self, root_id: str, path: str) -> _ConflictPlace:
+        """A new dated folder for one kept copy, with the folders of its path made."""
+        now = datetime.now(UTC)
+        folder, created = self._new_conflict_folder(now)
+        inner = Path(_folder_name(root_id), *check_wire_path(path).parts)
+        for parent in reversed(inner.parents[:-1]):
+            os.mkdir(folder / parent)
+            created.append(folder / parent)
+        return _ConflictPlace(now=now, folder=folder, created=created, inner=inner)
+
+    def _describe_conflict(  # noqa: PLR0917 - one kept copy, described
         self,
-        *,
-        folder: Path,
-        created: list[Path],
+        place: _ConflictPlace,
         root_id: str,
         path: str,
-        inner: Path,
         source: Path,
         reason: str,
-        now: datetime,
         info: os.stat_result,
     ) -> None:
         """Write the README and conflict.json beside a kept file, and flush the folders."""
-        kept = folder / inner
+        folder, created, inner, now, kept = (
+            place.folder,
+            place.created,
+            place.inner,
+            place.now,
+            place.kept,
+        )
         details = {
             "format": 1,
             "root": root_id,
