@@ -52,6 +52,7 @@ from typing import IO, Literal
 
 from sbs_core.errors import LocalProtocolError, SbsError
 from sbs_core.state import write_atomically
+from sbs_core.sync import direct
 from sbs_core.sync.paths import (
     MAX_COMPONENT_BYTES,
     TEMP_PREFIX,
@@ -225,6 +226,7 @@ class Incoming:
         size: int,
         mtime_ns: int,
         digest: str,
+        writer: direct.DirectWriter | None = None,
     ) -> None:
         self.root_id = root_id
         self.path = path
@@ -235,6 +237,8 @@ class Incoming:
         self._applier = applier
         self._temp = temp
         self._file = file
+        # Set when the temporary file was opened with O_DIRECT (see sbs_core.sync.direct).
+        self._writer = writer
         self._hasher = new_hasher()
         self._written = 0
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
@@ -247,7 +251,7 @@ class Incoming:
         self._finished_info: os.stat_result | None = None
         # A dropped Incoming must not leave its temporary file for the next
         # cleanup, nor an unclosed file for the garbage collector to warn about.
-        self._discard = weakref.finalize(self, _discard_temp, file, temp)
+        self._discard = weakref.finalize(self, _discard_temp, file, temp, writer)
 
     @property
     def digest(self) -> str:
@@ -298,12 +302,15 @@ class Incoming:
             self.abort()
             raise IntegrityError(f"{self.path}: received more than the announced {self.size} bytes")
         try:
-            rest = view
-            while rest:  # unbuffered: a short write only on a full disk or a signal
-                took = self._file.write(rest)
-                if not took:
-                    raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
-                rest = rest[took:]
+            if self._writer is not None:
+                self._writer.write(view)
+            else:
+                rest = view
+                while rest:  # unbuffered: a short write only on a full disk or a signal
+                    took = self._file.write(rest)
+                    if not took:
+                        raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
+                    rest = rest[took:]
         except BaseException:
             self.abort()
             raise
@@ -315,6 +322,9 @@ class Incoming:
         self._require("open")
         try:
             fd = self._file.fileno()
+            if self._writer is not None:
+                self._writer.close_out()
+                self._writer.release()
             if self._applier.preserve_timestamps and _FD_TIMES:
                 # Set on the temporary file, so the target never shows the copy time.
                 os.utime(fd, ns=(time.time_ns(), self.mtime_ns))
@@ -369,8 +379,10 @@ class Incoming:
         return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
 
 
-def _discard_temp(file: IO[bytes], temp: Path) -> None:
+def _discard_temp(file: IO[bytes], temp: Path, writer: direct.DirectWriter | None) -> None:
     # A write error was reported already; cleanup_temp_files gets a file that stays.
+    if writer is not None:
+        writer.release()
     with contextlib.suppress(OSError):
         file.close()
     with contextlib.suppress(OSError):
@@ -421,6 +433,8 @@ class Applier:
         self._made: set[Path] = set()
         self._made_now: set[Path] = set()  # made by this Applier since the last commit
         self._new_folders: list[Path] = []  # made since the last commit
+        self._direct = direct.O_DIRECT != 0  # False once a filesystem refused it
+        self._buffers = direct.BufferPool()
 
     def target_of(self, root_id: str, path: str) -> Path:
         """The local file a wire path names; :class:`UnsafePathError` if it may not be used."""
@@ -470,13 +484,16 @@ class Applier:
                 if created and created[-1] == target.parent:
                     self._made_now.add(target.parent)
         temp = target.parent / _temp_name(target.name)
-        fd = os.open(temp, _CREATE_FLAGS, 0o666)
+        fd, straight = self._create(temp, size)
         found = None
+        writer = None
         try:
             # In a folder made by this batch there is nothing to replace.
             if target.parent not in self._made_now:
                 found = _copy_mode(fd, target)
             file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finish() or abort()
+            if straight:
+                writer = direct.DirectWriter(fd, self._buffers)
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp)
@@ -491,11 +508,30 @@ class Applier:
             size=size,
             mtime_ns=mtime_ns,
             digest=digest,
+            writer=writer,
         )
         incoming.found = found
         with self._lock:
             self._live.add(incoming)
         return incoming
+
+    def _create(self, temp: Path, size: int) -> tuple[int, bool]:
+        """Create a temporary file; True with it if its data goes past the page cache.
+
+        A durable copy of a large file is written with O_DIRECT (see
+        :mod:`sbs_core.sync.direct`) unless this filesystem refused it once.
+        """
+        if not (self._direct and self.durable and size >= direct.MIN_SIZE):
+            return os.open(temp, _CREATE_FLAGS, 0o666), False
+        try:
+            return os.open(temp, _CREATE_FLAGS | direct.O_DIRECT, 0o666), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        # The filesystem refuses O_DIRECT (it may have made the file first).
+        self._direct = False
+        _unlink_quietly(temp)
+        return os.open(temp, _CREATE_FLAGS, 0o666), False
 
     def commit(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """Make every finished file of ``batch`` durable, then visible; one Outcome each.

@@ -1,0 +1,125 @@
+"""Writing a large received file straight to the disk, past the page cache.
+
+A durable copy has to reach the disk anyway. Through the page cache every
+byte is first copied into freshly allocated cache pages and written back
+later, and the flush before the rename then waits for all of it: on the
+machines measured this costs 4-5 s of kernel CPU per GiB, several times the
+disk's own write time (see docs/benchmarks.md). With ``O_DIRECT`` the data
+goes from one reused, aligned buffer to the disk, and the flush only has the
+file's metadata left to write.
+
+``O_DIRECT`` wants the buffer, the file offset and the length aligned to the
+device's block size: :class:`DirectWriter` collects the data in an aligned
+buffer, writes it in whole buffers, and writes the unaligned tail through the
+page cache once ``O_DIRECT`` is switched off. A filesystem that refuses
+``O_DIRECT`` (at the open or at the first write) gets ordinary writes.
+
+Linux only (``os.O_DIRECT``); elsewhere :data:`O_DIRECT` is 0 and nothing here
+is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+
+__all__ = ("ALIGN", "BUFFER", "MIN_SIZE", "O_DIRECT", "BufferPool", "DirectWriter")
+
+O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+ALIGN = 4096  # a multiple of every logical block size in use (512 or 4096)
+BUFFER = 1 << 20  # one data frame: a buffer fills once per frame of a large file
+MIN_SIZE = 256 * 1024  # smaller files come in batches, mostly one or two blocks each
+
+
+class BufferPool:
+    """Aligned buffers for :class:`DirectWriter`, reused: a fresh one costs page faults."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._free: list[mmap.mmap] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, BUFFER)  # anonymous mappings are page-aligned
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+                return
+        buffer.close()
+
+
+class DirectWriter:
+    """Appends to a file opened with ``O_DIRECT``, in aligned writes of a whole buffer.
+
+    :meth:`close_out` writes what is left; the file descriptor stays the
+    caller's. :meth:`release` gives the buffer back (after either).
+    """
+
+    def __init__(self, fd: int, pool: BufferPool) -> None:
+        self._fd = fd
+        self._pool = pool
+        self._buffer: mmap.mmap | None = pool.take()
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self.direct = True
+
+    def write(self, data: memoryview) -> None:
+        view = self._view
+        while data:
+            take = min(len(data), BUFFER - self._filled)
+            view[self._filled : self._filled + take] = data[:take]
+            self._filled += take
+            data = data[take:]
+            if self._filled == BUFFER:
+                self._write_out(BUFFER)
+
+    def close_out(self) -> None:
+        """Write the rest: its aligned part directly, the tail through the page cache."""
+        aligned = self._filled - self._filled % ALIGN
+        if aligned:
+            self._write_out(aligned)
+        if self._filled:
+            self._plain()
+            self._write_out(self._filled)
+
+    def release(self) -> None:
+        if self._buffer is not None:
+            self._view.release()
+            self._pool.give(self._buffer)
+            self._buffer = None
+
+    def _write_out(self, length: int) -> None:
+        """Write the buffer's first ``length`` bytes; keep what follows them in front."""
+        done = 0
+        while done < length:
+            chunk = self._view[done:length]
+            try:
+                took = os.write(self._fd, chunk)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._plain()  # this filesystem takes O_DIRECT at the open, not the write
+                continue
+            if not took:
+                raise OSError(errno.EIO, "the file took no bytes")
+            done += took
+            if done % ALIGN and self.direct:
+                self._plain()  # a short write (a full disk?): the rest cannot be aligned
+        rest = self._filled - length
+        if rest:
+            self._view[:rest] = self._view[length : self._filled]
+        self._filled = rest
+
+    def _plain(self) -> None:
+        import fcntl  # noqa: PLC0415 - POSIX only, and only reached where O_DIRECT exists
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+        self.direct = False

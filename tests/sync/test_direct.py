@@ -1,0 +1,217 @@
+"""Large durable copies go to the disk past the page cache, and fall back where they cannot."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sbs_core.sync import direct
+from sbs_core.sync.apply import Applier, Incoming
+from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.scan import new_hasher
+
+pytestmark = pytest.mark.skipif(direct.O_DIRECT == 0, reason="O_DIRECT is Linux only")
+
+ROOT_ID = "settings"
+LARGE = 3 * direct.BUFFER + 12_345  # three whole buffers and an unaligned tail
+
+
+def digest_of(data: bytes) -> str:
+    hasher = new_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def takes_direct(folder: Path) -> bool:
+    """Whether this filesystem accepts O_DIRECT at all (tmpfs before Linux 6.6 does not)."""
+    probe = folder / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | direct.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
+@dataclass
+class Writes:
+    """Every os.write made while receiving: (went through O_DIRECT, length)."""
+
+    calls: list[tuple[bool, int]] = field(default_factory=list)
+
+    @property
+    def direct_bytes(self) -> int:
+        return sum(n for straight, n in self.calls if straight)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(n for straight, n in self.calls if not straight)
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
+    seen = Writes()
+    real = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        straight = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT)
+        took = real(fd, data)
+        seen.calls.append((straight, took))
+        return took
+
+    monkeypatch.setattr(os, "write", write)
+    return seen
+
+
+def applier(root: Path, *, durable: bool = True) -> Applier:
+    return Applier(
+        {ROOT_ID: root},
+        conflicts_dir=root.parent / "conflicts",
+        preserve_timestamps=True,
+        durable=durable,
+    )
+
+
+def receive(site: Applier, path: str, data: bytes, chunks: list[int]) -> Incoming:
+    incoming = site.begin(ROOT_ID, path, size=len(data), mtime_ns=0, digest=digest_of(data))
+    view, at = memoryview(data), 0
+    for n in chunks:
+        incoming.write(view[at : at + n])
+        at += n
+    incoming.write(view[at:])
+    incoming.finish()
+    return incoming
+
+
+def odd_chunks(total: int, seed: int) -> list[int]:
+    """Frame sizes that do not line up with buffers or blocks."""
+    rng = random.Random(seed)
+    chunks, left = [], total
+    while left > 1:
+        n = min(left - 1, rng.choice([1, 511, 4095, 4097, 65_537, direct.BUFFER + 3]))
+        chunks.append(n)
+        left -= n
+    return chunks
+
+
+@pytest.mark.parametrize("size", [direct.MIN_SIZE, 2 * direct.BUFFER, LARGE])
+def test_a_large_durable_file_arrives_whole_its_bulk_past_the_page_cache(
+    tmp_path: Path, writes: Writes, size: int
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    if not takes_direct(root):
+        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    data = random.Random(size).randbytes(size)
+    site = applier(root)
+    incoming = receive(site, "big.bin", data, odd_chunks(size, seed=size))
+    [outcome] = site.commit([incoming])
+
+    assert outcome.status == "applied"
+    assert (root / "big.bin").read_bytes() == data
+    assert writes.direct_bytes + writes.cached_bytes == size
+    assert writes.cached_bytes == size % direct.ALIGN  # only the unaligned tail is cached
+    assert [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX)] == []
+
+
+def test_small_files_and_copies_that_need_not_be_durable_use_the_page_cache(
+    tmp_path: Path, writes: Writes
+) -> None:
+    root = tmp_path / "root"
+    data = os.urandom(LARGE)
+    quick = applier(root, durable=False)
+    [outcome] = quick.commit([receive(quick, "big.bin", data, [])])
+    durable = applier(root)
+    small = os.urandom(direct.MIN_SIZE - 1)
+    [small_outcome] = durable.commit([receive(durable, "small.bin", small, [])])
+
+    assert (outcome.status, small_outcome.status) == ("applied", "applied")
+    assert (root / "big.bin").read_bytes() == data
+    assert (root / "small.bin").read_bytes() == small
+    assert writes.calls == []  # neither went through the direct writer
+
+
+def test_a_filesystem_refusing_o_direct_at_the_open_gets_ordinary_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+    refused: list[str] = []
+
+    def open_(path: str | Path, flags: int, mode: int = 0o777) -> int:
+        if flags & direct.O_DIRECT:
+            # Like the kernel: the file is made, then the open fails.
+            os.close(real_open(path, flags & ~direct.O_DIRECT, mode))
+            refused.append(str(path))
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", open_)
+    root = tmp_path / "root"
+    site = applier(root)
+    first, second = os.urandom(LARGE), os.urandom(LARGE)
+    outcomes = site.commit(
+        [receive(site, "one.bin", first, []), receive(site, "two.bin", second, [])]
+    )
+
+    assert [o.status for o in outcomes] == ["applied", "applied"]
+    assert (root / "one.bin").read_bytes() == first
+    assert (root / "two.bin").read_bytes() == second
+    assert len(refused) == 1  # asked once; the Applier remembers the answer
+    assert sorted(p.name for p in root.iterdir()) == ["one.bin", "two.bin"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    ["EINVAL on the first direct write", "a short direct write"],
+)
+def test_a_direct_write_that_fails_or_falls_short_goes_on_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    if not takes_direct(root):
+        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    real = os.write
+    tricks = {"done": False}
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        straight = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT)
+        if straight and not tricks["done"]:
+            tricks["done"] = True
+            if failure.startswith("EINVAL"):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, memoryview(data)[: direct.ALIGN])  # the kernel may write less
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = random.Random(7).randbytes(LARGE)
+    site = applier(root)
+    [outcome] = site.commit([receive(site, "big.bin", data, odd_chunks(LARGE, seed=7))])
+
+    assert tricks["done"]
+    assert outcome.status == "applied"
+    assert (root / "big.bin").read_bytes() == data
+
+
+def test_an_aborted_direct_file_leaves_nothing_and_its_buffer_serves_the_next(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    site = applier(root)
+    data = os.urandom(LARGE)
+    doomed = site.begin(ROOT_ID, "big.bin", size=LARGE, mtime_ns=0, digest=digest_of(data))
+    doomed.write(memoryview(data)[: direct.BUFFER + 5])
+    doomed.abort()
+    assert list(root.iterdir()) == []
+
+    [outcome] = site.commit([receive(site, "big.bin", data, [direct.BUFFER - 1])])
+    assert outcome.status == "applied"
+    assert (root / "big.bin").read_bytes() == data
