@@ -15,16 +15,17 @@ All file I/O and hashing run in worker threads; the event loop only moves bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -78,6 +79,7 @@ SMALL = 256 * 1024  # files up to this size are read whole and batched
 BATCH_BYTES = 1 << 20
 BATCH_FILES = 512
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
+READ_AHEAD = 4  # chunks of a large file read while earlier ones are sent
 # A peer that keeps opening sessions this node refuses gets one alert per interval.
 REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
@@ -874,7 +876,7 @@ class SyncEngine:
                     await tx.send(reads)
 
         progress = _Progress(root.path, len(candidates))
-        async with anyio.create_task_group() as tg:
+        async with _task_group() as tg:
             tg.start_soon(reader)
             async with rx:
                 async for reads in rx:
@@ -946,22 +948,25 @@ class SyncEngine:
                     ),
                 ),
             )
-            hasher = new_hasher()
-            remaining = size
-            torn = False
-            while remaining > 0:
-                chunk = await anyio.to_thread.run_sync(f.read, min(CHUNK, remaining))
-                if not chunk:
-                    torn = True
-                    chunk = bytes(remaining)  # keep the frame count: the seal discards it
-                hasher.update(chunk)
-                await session.spend(len(chunk))
-                await self._link.send_data(session.conn, chunk)
-                self.status.bytes_sent += len(chunk)
-                remaining -= len(chunk)
+            chunks = _Chunks(f, size)
+            # Reading (and hashing) in a worker thread runs ahead of the sending.
+            tx, rx = anyio.create_memory_object_stream[bytes](READ_AHEAD)
+
+            async def reader() -> None:
+                async with tx:
+                    while chunks.remaining > 0:
+                        await tx.send(await anyio.to_thread.run_sync(chunks.next))
+
+            async with _task_group() as tg:
+                tg.start_soon(reader)
+                async with rx:
+                    async for chunk in rx:
+                        await session.spend(len(chunk))
+                        await self._link.send_data(session.conn, chunk)
+                        self.status.bytes_sent += len(chunk)
             after = os.fstat(f.fileno())
-            torn = torn or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns)
-            digest = "" if torn else hasher.hexdigest()
+            torn = chunks.torn or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns)
+            digest = "" if torn else chunks.hasher.hexdigest()
             await self._link.send(session.conn, Seal(session=session.id, digests=(digest,)))
         finally:
             await anyio.to_thread.run_sync(f.close)
@@ -1150,6 +1155,47 @@ class _Progress:
                 self.bytes / 1e6,
                 now - self.began,
             )
+
+
+class _Chunks:
+    """The data frames of one large file as announced: ``size`` bytes, hashed as read.
+
+    A file that shrinks while it is read still gives its announced size (zeros),
+    so the frames match the Put; ``torn`` then makes the Seal discard it.
+    """
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self.remaining = size
+        self.torn = False
+        self.hasher = new_hasher()
+
+    def next(self) -> bytes:
+        """The next frame (blocks: run it in a worker thread)."""
+        want = min(CHUNK, self.remaining)
+        chunk = b"" if self.torn else self._f.read(want)
+        if not chunk:
+            self.torn = True
+            chunk = bytes(want)
+        self.hasher.update(chunk)
+        self.remaining -= len(chunk)
+        return chunk
+
+
+@contextlib.asynccontextmanager
+async def _task_group() -> AsyncIterator[TaskGroup]:
+    """A task group whose one failure comes out as itself, not inside an ExceptionGroup.
+
+    The callers catch LinkClosed and OSError by type; a helper task's failure
+    must reach them the same way as the host's.
+    """
+    try:
+        async with anyio.create_task_group() as tg:
+            yield tg
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 @dataclass(slots=True)
