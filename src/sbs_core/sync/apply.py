@@ -31,6 +31,7 @@ import ctypes
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -178,7 +179,7 @@ class _NoAtomicSwap(Exception):
     """This system or filesystem cannot exchange two names atomically."""
 
 
-def _rename2(source: Path, target: Path, flags: int) -> None:
+def _rename2(source: str | Path, target: str | Path, flags: int) -> None:
     """``renameat2(2)``: OSError as the kernel says, :class:`_NoAtomicSwap` if unsupported."""
     function = _RENAMEAT2
     if function is None:
@@ -220,8 +221,9 @@ class Incoming:
         *,
         root_id: str,
         path: str,
-        target: Path,
-        temp: Path,
+        folder: Path,
+        target: str,
+        temp: str,
         file: IO[bytes],
         size: int,
         mtime_ns: int,
@@ -230,7 +232,10 @@ class Incoming:
     ) -> None:
         self.root_id = root_id
         self.path = path
-        self.target = target
+        #: The target's folder (checked); the target and temporary file as text:
+        #: a Path per file costs more than the system calls (see Applier._locate).
+        self.folder = folder
+        self._target = target
         self.size = size
         self.mtime_ns = mtime_ns
         self._digest = digest.lower()
@@ -263,8 +268,12 @@ class Incoming:
         return self._written
 
     @property
+    def target(self) -> Path:
+        return Path(self._target)
+
+    @property
     def temp_path(self) -> Path:
-        return self._temp
+        return Path(self._temp)
 
     @property
     def pending(self) -> bool:
@@ -379,14 +388,14 @@ class Incoming:
         return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
 
 
-def _discard_temp(file: IO[bytes], temp: Path, writer: direct.DirectWriter | None) -> None:
+def _discard_temp(file: IO[bytes], temp: str, writer: direct.DirectWriter | None) -> None:
     # A write error was reported already; cleanup_temp_files gets a file that stays.
     if writer is not None:
         writer.release()
     with contextlib.suppress(OSError):
         file.close()
     with contextlib.suppress(OSError):
-        temp.unlink()
+        os.unlink(temp)
 
 
 class Applier:
@@ -429,26 +438,39 @@ class Applier:
         # starts afresh, so its renames check every folder once more.
         # Keyed by the wire path's folder as text: wire paths are canonical (no
         # empty, "." or ".." component), and hashing a PurePath costs more.
-        self._checked: dict[tuple[str, str], Path] = {}
-        self._made: set[Path] = set()
-        self._made_now: set[Path] = set()  # made by this Applier since the last commit
+        self._checked: dict[tuple[str, str], tuple[Path, str]] = {}  # folder, as text + sep
+        self._made: set[str] = set()  # folders as text
+        self._made_now: set[str] = set()  # made by this Applier since the last commit
         self._new_folders: list[Path] = []  # made since the last commit
         self._direct = direct.O_DIRECT != 0  # False once a filesystem refused it
         self._buffers = direct.BufferPool()
 
     def target_of(self, root_id: str, path: str) -> Path:
         """The local file a wire path names; :class:`UnsafePathError` if it may not be used."""
+        return Path(self._locate(root_id, path)[2])
+
+    def _locate(
+        self, root_id: str, path: str, *, name_checked: bool = False
+    ) -> tuple[Path, str, str]:
+        """:meth:`target_of` as its folder, the folder as text + separator, the target as text.
+
+        ``name_checked``: the path's text passed the checks before (only its
+        folders on disk may have changed since).
+        """
         root = self.roots.get(root_id)
         if root is None:
             raise UnsafePathError.broken_rule(path, f"names the unknown folder {root_id!r}")
         folder, _, name = path.rpartition("/")
-        parent = self._checked.get((root_id, folder))
-        if parent is not None:
-            check_wire_name(path)
-            return parent / name
+        known = self._checked.get((root_id, folder))
+        if known is not None:
+            if not name_checked:
+                check_wire_name(path)
+            return known[0], known[1], known[1] + name
         target = resolve_inside(root, check_wire_path(path))
-        self._checked[(root_id, folder)] = target.parent
-        return target
+        parent = target.parent
+        prefix = os.path.join(parent, "")
+        self._checked[(root_id, folder)] = (parent, prefix)
+        return parent, prefix, prefix + name
 
     def _forget_checks(self, *, take_made: bool = False) -> list[Path]:
         """Start afresh (see ``_checked``); with ``take_made``, the folders made meanwhile."""
@@ -472,24 +494,23 @@ class Applier:
         """
         if size < 0:
             raise ValueError(f"{path}: negative size {size}")
-        target = self.target_of(root_id, path)
+        folder, prefix, target = self._locate(root_id, path)
         created: tuple[Path, ...] = ()
-        fresh = target.parent not in self._made
-        if fresh:
+        if prefix not in self._made:
             real_root = Path(os.path.realpath(self.roots[root_id]))
-            created = _make_root(real_root) + _make_folders_inside(real_root, target.parent, path)
+            created = _make_root(real_root) + _make_folders_inside(real_root, folder, path)
             with self._lock:
-                self._made.add(target.parent)
+                self._made.add(prefix)
                 self._new_folders.extend(created)
-                if created and created[-1] == target.parent:
-                    self._made_now.add(target.parent)
-        temp = target.parent / _temp_name(target.name)
+                if created and created[-1] == folder:
+                    self._made_now.add(prefix)
+        temp = prefix + _temp_name(path.rpartition("/")[2])
         fd, straight = self._create(temp, size)
         found = None
         writer = None
         try:
             # In a folder made by this batch there is nothing to replace.
-            if target.parent not in self._made_now:
+            if prefix not in self._made_now:
                 found = _copy_mode(fd, target)
             file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finish() or abort()
             if straight:
@@ -502,6 +523,7 @@ class Applier:
             self,
             root_id=root_id,
             path=path,
+            folder=folder,
             target=target,
             temp=temp,
             file=file,
@@ -515,7 +537,7 @@ class Applier:
             self._live.add(incoming)
         return incoming
 
-    def _create(self, temp: Path, size: int) -> tuple[int, bool]:
+    def _create(self, temp: str, size: int) -> tuple[int, bool]:
         """Create a temporary file; True with it if its data goes past the page cache.
 
         A durable copy of a large file is written with O_DIRECT (see
@@ -549,10 +571,10 @@ class Applier:
             try:
                 info = incoming._finished_info
                 if info is None or (self.preserve_timestamps and not _FD_TIMES):
-                    info = os.stat(incoming.temp_path)
+                    info = os.stat(incoming._temp)
                     if self.preserve_timestamps:
-                        os.utime(incoming.temp_path, ns=(info.st_atime_ns, incoming.mtime_ns))
-                        info = os.stat(incoming.temp_path)
+                        os.utime(incoming._temp, ns=(info.st_atime_ns, incoming.mtime_ns))
+                        info = os.stat(incoming._temp)
                     incoming._finished_info = info
             except OSError as exc:
                 outcomes[i] = incoming._drop("retry", f"cannot prepare the file: {_why(exc)}")
@@ -561,26 +583,26 @@ class Applier:
 
         if self.durable:
             for indexes in by_device.values():
-                failed = _flush_files([batch[i].temp_path for i in indexes])
+                failed = _flush_files([batch[i]._temp for i in indexes])
                 for i, reason in zip(indexes, failed, strict=True):
                     if reason is not None:
                         outcomes[i] = batch[i]._drop("retry", f"cannot flush the file: {reason}")
 
         folders: dict[Path, list[int]] = {}
-        repeated = {t for t, n in Counter(i.target for i in batch).items() if n > 1}
-        placed: dict[Path, FileIdentity] = {}
+        repeated = {t for t, n in Counter(i._target for i in batch).items() if n > 1}
+        placed: dict[str, FileIdentity] = {}
         for i, incoming in enumerate(batch):
             if outcomes[i] is not None:
                 continue
-            if incoming.target in placed and incoming._guarded:
+            if incoming._target in placed and incoming._guarded:
                 # What the batch put there is no change of this node's.
-                incoming._replaces = placed[incoming.target]
+                incoming._replaces = placed[incoming._target]
             outcome = outcomes[i] = self._rename(incoming)
             if outcome.status == "applied":
-                folders.setdefault(incoming.target.parent, []).append(i)
-                if incoming.target in repeated:
+                folders.setdefault(incoming.folder, []).append(i)
+                if incoming._target in repeated:
                     with contextlib.suppress(OSError):
-                        placed[incoming.target] = identity_of(os.lstat(incoming.target))
+                        placed[incoming._target] = identity_of(os.lstat(incoming._target))
         for created in made:
             # A new folder's own name lives in its parent.
             folders.setdefault(created.parent, [])
@@ -829,31 +851,31 @@ class Applier:
     def _rename(self, incoming: Incoming) -> Outcome:
         try:
             # Checked again: the folders may have changed since begin().
-            target = self.target_of(incoming.root_id, incoming.path)
+            target = self._locate(incoming.root_id, incoming.path, name_checked=True)[2]
         except UnsafePathError as exc:
             return incoming._drop("refused", exc.reason or str(exc))
         except OSError as exc:
             return incoming._drop("retry", f"cannot check the path: {_why(exc)}")
-        if target != incoming.target:
+        if target != incoming._target:
             return incoming._drop("retry", "its folder moved while the file was received")
         kept = None
         try:
             if incoming._guarded:
                 kept = self._replace_guarded(incoming, target)
             else:
-                os.replace(incoming.temp_path, target)
+                os.replace(incoming._temp, target)
         except IsADirectoryError:
             return incoming._drop("retry", "a folder is in the way")
         except OSError as exc:
-            if _WINDOWS and target.is_dir():
+            if _WINDOWS and os.path.isdir(target):
                 return incoming._drop("retry", "a folder is in the way")
             return incoming._drop("retry", f"cannot replace the file: {_why(exc)}")
         outcome = incoming._committed()
         return outcome if kept is None else dataclasses.replace(outcome, kept=kept)
 
-    def _replace_guarded(self, incoming: Incoming, target: Path) -> Path | None:
+    def _replace_guarded(self, incoming: Incoming, target: str) -> Path | None:
         """Rename ``incoming`` over ``target``, keeping an unexpected file found there."""
-        temp, expected = incoming.temp_path, incoming._replaces
+        temp, expected = incoming._temp, incoming._replaces
         try:
             if expected is None:
                 try:
@@ -871,10 +893,10 @@ class Applier:
             return self._replace_checked(incoming, target)
         # Whatever was at the target at that instant now has the temporary name.
         return self._settle_displaced(
-            incoming.root_id, incoming.path, target, temp, expected, swapped=True
+            incoming.root_id, incoming.path, Path(target), Path(temp), expected, swapped=True
         )
 
-    def _replace_checked(self, incoming: Incoming, target: Path) -> Path | None:
+    def _replace_checked(self, incoming: Incoming, target: str) -> Path | None:
         """Without an atomic exchange: look once more, just before ``os.replace``."""
         try:
             info: os.stat_result | None = os.lstat(target)
@@ -884,7 +906,7 @@ class Applier:
         unexpected = info is not None and identity_of(info) != incoming._replaces
         if unexpected and info is not None and stat.S_ISREG(info.st_mode):
             kept = self.keep_conflict(incoming.root_id, incoming.path, reason=_CHANGED_MEANWHILE)
-        os.replace(incoming.temp_path, target)
+        os.replace(incoming._temp, target)
         return kept
 
     def _delete_guarded(
@@ -1029,12 +1051,12 @@ def deletion_allowed(
     return True, ""
 
 
-def _flush_files(paths: Sequence[Path]) -> list[str | None]:
+def _flush_files(paths: Sequence[str]) -> list[str | None]:
     """Make the data of ``paths`` (all on one filesystem) durable; a failure reason each."""
     syncfs = _SYNCFS
     if syncfs is not None:
         try:
-            fd = os.open(paths[0].parent, os.O_RDONLY)
+            fd = os.open(os.path.dirname(paths[0]), os.O_RDONLY)
         except OSError as exc:
             return [_why(exc)] * len(paths)
         try:
@@ -1050,7 +1072,7 @@ def _flush_files(paths: Sequence[Path]) -> list[str | None]:
         return list(pool.map(_fsync_file, paths))
 
 
-def _fsync_file(path: Path) -> str | None:
+def _fsync_file(path: str | Path) -> str | None:
     try:
         _fsync_path(path)
     except OSError as exc:
@@ -1058,7 +1080,7 @@ def _fsync_file(path: Path) -> str | None:
     return None
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     # Windows flushes only through a handle that may write.
     fd = os.open(path, os.O_RDWR | _NO_FOLLOW | _BINARY)
     try:
@@ -1119,14 +1141,20 @@ def _make_folders_inside(root: Path, folder: Path, path: str) -> tuple[Path, ...
     return tuple(created)
 
 
+# Temporary names: random per process, then counted (no system call per file);
+# O_EXCL refuses the improbable clash with a crashed process's leftover.
+_TEMP_STAMP = secrets.token_hex(3)
+_TEMP_COUNT = itertools.count()
+
+
 def _temp_name(name: str) -> str:
-    prefix = f"{TEMP_PREFIX}{secrets.token_hex(6)}-"
+    prefix = f"{TEMP_PREFIX}{_TEMP_STAMP}{next(_TEMP_COUNT):06x}-"
     room = MAX_COMPONENT_BYTES - len(prefix.encode("ascii"))
     # Cut on a character boundary so that a long UTF-8 name still fits one component.
     return prefix + name.encode("utf-8")[:room].decode("utf-8", "ignore")
 
 
-def _copy_mode(fd: int, target: Path) -> os.stat_result | None:
+def _copy_mode(fd: int, target: str | Path) -> os.stat_result | None:
     """Give the new file the permissions of the one it replaces (0600 settings stay 0600).
 
     Returns the target's lstat, None if there is nothing there.
@@ -1202,9 +1230,9 @@ def _folder_name(root_id: str) -> str:
     return f"{cleaned or 'root'}-{tag}"
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(OSError):
-        path.unlink()
+        os.unlink(path)
 
 
 def _why(exc: OSError) -> str:

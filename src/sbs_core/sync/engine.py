@@ -1227,14 +1227,28 @@ def _batches(
 
 def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> list[_Read]:
     reads = []
+    prefix = os.path.join(root, "")
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     for path, _st, _digest in batch:
+        # os-level calls: a file object would cost more than these few small reads.
         try:
-            with open(root / path, "rb") as f:
-                before = os.fstat(f.fileno())
-                data = f.read()
-                after = os.fstat(f.fileno())
+            fd = os.open(prefix + path, flags)
         except OSError:
             continue
+        try:
+            before = os.fstat(fd)
+            # One byte more than the size: a file that grew shows as torn.
+            data = os.read(fd, before.st_size + 1)
+            while len(data) < before.st_size:  # a short read, rare: go on
+                more = os.read(fd, before.st_size + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            after = os.fstat(fd)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
             data
         ) != before.st_size:
