@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -136,6 +138,32 @@ def test_initial_sync_equals_the_source(tmp_path: Path, preserve: bool) -> None:
         assert st["bytes_received"] >= sum(len(d) for d in tree.values())
         assert st["last_sync_error"] is None
         assert status_of(pair.a)["last_sync_error"] is None
+
+
+def test_a_secondary_with_few_file_descriptors_takes_a_whole_batch_at_once(
+    tmp_path: Path,
+) -> None:
+    # 1,500 small files go in one Put; a receiver that held a descriptor per
+    # file until the batch's Seal could not take it under a limit of 256.
+    if not shutil.which("prlimit"):
+        pytest.skip("needs prlimit (util-linux) to lower the secondary's limit")
+    with replica_pair(tmp_path / "pair") as pair:
+        pair.b.prefix = ["prlimit", "--nofile=256:256", "--"]
+        src, dst = data_of(pair.a), data_of(pair.b)
+        tree = {f"d{i % 7}/f{i:05d}.bin": patterned(100 + i % 900, seed=i) for i in range(1500)}
+        for rel, data in tree.items():
+            write(src / rel, data)
+
+        start_pair(pair)
+        wait_same_tree(src, dst, timeout=20)
+        pair.a.wait_for("acknowledged", lambda st: st["files_sent"] == len(tree), timeout=5)
+
+        assert contents(dst) == tree
+        assert temp_files(dst) == []
+        assert status_of(pair.a)["last_sync_error"] is None
+        # One cycle carried everything: nothing was retried for want of descriptors.
+        log = pair.a.log.read_text()
+        assert re.search(r"cycle \d+: sent 1500 files \([\d.]+ MB\), 0 deletes, 0 to retry", log)
 
 
 # -- 2. changes follow by file events

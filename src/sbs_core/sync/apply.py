@@ -306,6 +306,8 @@ class Incoming:
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; more bytes than the announced size abort the file."""
         self._require("open")
+        if self._file.closed:
+            raise LocalProtocolError(f"{self.path}: written after close()")
         view = memoryview(data)
         if self._written + view.nbytes > self.size:
             self.abort()
@@ -326,9 +328,16 @@ class Incoming:
         self._hasher.update(view)
         self._written += view.nbytes
 
-    def finish(self) -> None:
-        """Close the temporary file and check its size and hash; on a mismatch, abort."""
+    def close(self) -> None:
+        """Close the temporary file once every byte is in; :meth:`finish` checks it later.
+
+        Frees the file descriptor early: a batch of thousands of small files
+        need not hold one each until its content hashes arrive. Does nothing
+        if closed already; on a failure (a full disk) the file is aborted.
+        """
         self._require("open")
+        if self._file.closed:
+            return
         try:
             fd = self._file.fileno()
             if self._writer is not None:
@@ -342,6 +351,10 @@ class Incoming:
         except BaseException:
             self.abort()
             raise
+
+    def finish(self) -> None:
+        """Close the temporary file and check its size and hash; on a mismatch, abort."""
+        self.close()
         if self._written != self.size:
             self.abort()
             raise IntegrityError(

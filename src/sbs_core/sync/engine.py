@@ -76,8 +76,12 @@ logger = logging.getLogger("sbs.sync")
 
 CHUNK = 1 << 20  # data frame size
 SMALL = 256 * 1024  # files up to this size are read whole and batched
-BATCH_BYTES = 1 << 20
-BATCH_FILES = 512
+BATCH_BYTES = 8 << 20
+BATCH_FILES = 2048
+READ_BATCHES = 2  # batches read ahead of the one being sent: memory, not speed
+# A batch's Put must fit a frame (8 MiB) whatever its paths' lengths (up to 4 KiB).
+BATCH_NAMES = 1 << 20  # characters of paths in one Put, with PUT_FILE_OVERHEAD each
+PUT_FILE_OVERHEAD = 100
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
 READ_AHEAD = 4  # chunks of a large file read while earlier ones are sent
 # A peer that keeps opening sessions this node refuses gets one alert per interval.
@@ -867,7 +871,7 @@ class SyncEngine:
         small = [c for c in candidates if c[1].size <= SMALL]
         large = [c for c in candidates if c[1].size > SMALL]
         batches = _batches(small)
-        tx, rx = anyio.create_memory_object_stream[list[_Read]](4)
+        tx, rx = anyio.create_memory_object_stream[list[_Read]](READ_BATCHES)
 
         async def reader() -> None:
             async with tx:
@@ -1213,13 +1217,19 @@ def _batches(
 ) -> list[list[tuple[str, FileStat, str | None]]]:
     batches: list[list[tuple[str, FileStat, str | None]]] = []
     current: list[tuple[str, FileStat, str | None]] = []
-    size = 0
+    size = names = 0
     for item in files:
-        if current and (size + item[1].size > BATCH_BYTES or len(current) >= BATCH_FILES):
+        name = len(item[0]) + PUT_FILE_OVERHEAD
+        if current and (
+            size + item[1].size > BATCH_BYTES
+            or len(current) >= BATCH_FILES
+            or names + name > BATCH_NAMES
+        ):
             batches.append(current)
-            current, size = [], 0
+            current, size, names = [], 0, 0
         current.append(item)
         size += item[1].size
+        names += name
     if current:
         batches.append(current)
     return batches
@@ -1401,27 +1411,43 @@ class _Receiving:
                 self.retry.append((f.root, f.path, reason))
 
     def _open_all(self) -> None:
-        if self.broken is not None:
-            for f in self.files:
-                self.retry.append((f.root, f.path, self.broken))
-                self.incoming.append(None)
-            self._skip_empty()
-            return
-        for f in self.files:
-            try:
-                self.incoming.append(
-                    self.applier.begin(f.root, f.path, size=f.size, mtime_ns=f.mtime_ns, digest="")
-                )
-            except UnsafePathError as exc:
-                self.refused.append((f.root, f.path, str(exc)))
-                self.incoming.append(None)
-            except OSError as exc:
-                self.retry.append((f.root, f.path, str(exc)))
-                self.incoming.append(None)
-        self._skip_empty()
+        # Each file is begun when the one before it is complete, and closed
+        # when its last byte is written: one file open at a time, whatever
+        # the batch's size (file descriptors are limited, 1024 on many systems).
+        self._advance()
 
-    def _skip_empty(self) -> None:
-        while self.current < len(self.files) and self.filled >= self.files[self.current].size:
+    def _begin(self, f: PutFile) -> None:
+        if self.broken is not None:
+            self.retry.append((f.root, f.path, self.broken))
+            self.incoming.append(None)
+            return
+        try:
+            incoming: Incoming | None = self.applier.begin(
+                f.root, f.path, size=f.size, mtime_ns=f.mtime_ns, digest=""
+            )
+        except UnsafePathError as exc:
+            self.refused.append((f.root, f.path, str(exc)))
+            incoming = None
+        except OSError as exc:
+            self.retry.append((f.root, f.path, str(exc)))
+            incoming = None
+        self.incoming.append(incoming)
+
+    def _advance(self) -> None:
+        """Move past every complete file (closing it), beginning the next one."""
+        while self.current < len(self.files):
+            f = self.files[self.current]
+            if len(self.incoming) == self.current:
+                self._begin(f)
+            if self.filled < f.size:
+                return
+            incoming = self.incoming[self.current]
+            if incoming is not None:
+                try:
+                    incoming.close()
+                except OSError as exc:  # aborted by close()
+                    self.retry.append((f.root, f.path, _reason_of(exc)))
+                    self.incoming[self.current] = None
             self.current += 1
             self.filled = 0
 
@@ -1442,7 +1468,7 @@ class _Receiving:
                     self.incoming[self.current] = None
             self.filled += take
             view = view[take:]
-            self._skip_empty()
+            self._advance()
 
     def _seal(self, digests: tuple[str, ...]) -> None:
         if len(digests) != len(self.files) or self.current < len(self.files):

@@ -1,0 +1,68 @@
+"""How the sender groups small files: bounded data, file count and Put size."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sbs_core.messages import Put, PutFile, encode_message
+from sbs_core.sync import engine
+from sbs_core.sync.scan import FileStat
+from sbs_core.wire.frames import DEFAULT_MAX_FRAME
+
+Candidate = tuple[str, FileStat, str | None]
+
+
+def candidates(lengths: list[int], size: int) -> list[Candidate]:
+    out: list[Candidate] = []
+    for i, length in enumerate(lengths):
+        stem = f"{i:06d}"
+        path = stem + "x" * max(0, length - len(stem))
+        out.append((path, FileStat(path=path, size=size, mtime_ns=0, ino=i), None))
+    return out
+
+
+def put_of(batch: list[Candidate]) -> bytes:
+    return encode_message(
+        Put(
+            session=1,
+            files=tuple(
+                PutFile(root="folder:" + "r" * 500, path=p, size=st_.size, mtime_ns=2**62)
+                for p, st_, _ in batch
+            ),
+        )
+    )
+
+
+def test_the_longest_paths_still_give_puts_that_fit_one_frame() -> None:
+    files = candidates([4096] * 5000, size=1)
+    batches = engine._batches(files)
+
+    assert [c for b in batches for c in b] == files  # every file once, in order
+    assert max(len(put_of(b)) for b in batches) < DEFAULT_MAX_FRAME
+    assert len(batches) > 1
+
+
+def test_small_files_with_short_names_fill_a_batch_up_to_its_file_count() -> None:
+    files = candidates([20] * (2 * engine.BATCH_FILES + 1), size=100)
+    batches = engine._batches(files)
+
+    assert [len(b) for b in batches] == [engine.BATCH_FILES, engine.BATCH_FILES, 1]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 4096), min_size=1, max_size=300),
+    size=st.integers(0, engine.SMALL),
+)
+def test_every_batch_respects_every_bound(lengths: list[int], size: int) -> None:
+    batches = engine._batches(candidates(lengths, size))
+
+    assert sum(len(b) for b in batches) == len(lengths)
+    for batch in batches:
+        names = sum(len(p) + engine.PUT_FILE_OVERHEAD for p, _, _ in batch)
+        data = sum(s.size for _, s, _ in batch)
+        if len(batch) > 1:  # a lone file may exceed a bound: it has to go somehow
+            assert len(batch) <= engine.BATCH_FILES
+            assert names <= engine.BATCH_NAMES
+            assert data <= engine.BATCH_BYTES
