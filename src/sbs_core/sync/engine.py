@@ -83,7 +83,8 @@ READ_BATCHES = 2  # batches read ahead of the one being sent: memory, not speed
 BATCH_NAMES = 1 << 20  # characters of paths in one Put, with PUT_FILE_OVERHEAD each
 PUT_FILE_OVERHEAD = 100
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
-READ_AHEAD = 4  # chunks of a large file read while earlier ones are sent
+READ_AHEAD = 4  # chunks of a large file read (in one worker-thread call) ahead of sending
+GATHER_BYTES = 4 << 20  # data frames written in one worker-thread call on the receiver
 # A peer that keeps opening sessions this node refuses gets one alert per interval.
 REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
@@ -959,7 +960,8 @@ class SyncEngine:
             async def reader() -> None:
                 async with tx:
                     while chunks.remaining > 0:
-                        await tx.send(await anyio.to_thread.run_sync(chunks.next))
+                        for chunk in await anyio.to_thread.run_sync(chunks.take, READ_AHEAD):
+                            await tx.send(chunk)
 
             async with _task_group() as tg:
                 tg.start_soon(reader)
@@ -1063,7 +1065,7 @@ class SyncEngine:
             await self._send_inventory(session, roots)
             receiver = _Receiving(self, session, applier)
             async with session.queue_rx:
-                async for item in session.queue_rx:
+                async for item in _gather_data(session.queue_rx):
                     try:
                         await receiver.handle(item)
                     except (RemoteProtocolError, UnsafePathError, LinkClosed):
@@ -1174,8 +1176,15 @@ class _Chunks:
         self.torn = False
         self.hasher = new_hasher()
 
+    def take(self, count: int) -> list[bytes]:
+        """The next ``count`` frames or fewer (blocks: one worker-thread call for them all)."""
+        frames: list[bytes] = []
+        while self.remaining > 0 and len(frames) < count:
+            frames.append(self.next())
+        return frames
+
     def next(self) -> bytes:
-        """The next frame (blocks: run it in a worker thread)."""
+        """The next frame (blocks)."""
         want = min(CHUNK, self.remaining)
         chunk = b"" if self.torn else self._f.read(want)
         if not chunk:
@@ -1184,6 +1193,41 @@ class _Chunks:
         self.hasher.update(chunk)
         self.remaining -= len(chunk)
         return chunk
+
+
+async def _gather_data(
+    queue: MemoryObjectReceiveStream[SyncMessage | bytes],
+) -> AsyncIterator[SyncMessage | list[bytes]]:
+    """The queue's items, with data frames already waiting handed out together.
+
+    Each hand-out is one worker-thread call on the receiver: per frame, the
+    calls cost the event loop more than the writing.
+    """
+    held: SyncMessage | None = None
+    while True:
+        if held is not None:
+            item: SyncMessage | bytes = held
+            held = None
+        else:
+            try:
+                item = await queue.receive()
+            except anyio.EndOfStream:
+                return
+        if not isinstance(item, bytes):
+            yield item
+            continue
+        frames, size = [item], len(item)
+        while size < GATHER_BYTES:
+            try:
+                more = queue.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            if not isinstance(more, bytes):
+                held = more
+                break
+            frames.append(more)
+            size += len(more)
+        yield frames
 
 
 @contextlib.asynccontextmanager
@@ -1336,12 +1380,15 @@ class _Receiving:
         # is received and dropped, every file of it retried, and its ack says why.
         self.broken: str | None = None
 
-    async def handle(self, item: SyncMessage | bytes) -> None:
+    async def handle(self, item: SyncMessage | bytes | list[bytes]) -> None:
         if isinstance(item, bytes):
-            self.session.queued_bytes -= len(item)
-            await anyio.to_thread.run_sync(self._write, item)
-            self.engine.status.bytes_received += len(item)
-            self.credit_owed += len(item)
+            item = [item]
+        if isinstance(item, list):
+            size = sum(len(frame) for frame in item)
+            self.session.queued_bytes -= size
+            await anyio.to_thread.run_sync(self._write_all, item)
+            self.engine.status.bytes_received += size
+            self.credit_owed += size
             if self.credit_owed >= WINDOW // 4:
                 await self._grant()
             return
@@ -1450,6 +1497,10 @@ class _Receiving:
                     self.incoming[self.current] = None
             self.current += 1
             self.filled = 0
+
+    def _write_all(self, frames: list[bytes]) -> None:
+        for data in frames:
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
