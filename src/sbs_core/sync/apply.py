@@ -553,10 +553,10 @@ class Applier:
     def _create(self, temp: str, size: int) -> tuple[int, bool]:
         """Create a temporary file; True with it if its data goes past the page cache.
 
-        A durable copy of a large file is written with O_DIRECT (see
-        :mod:`sbs_core.sync.direct`) unless this filesystem refused it once.
+        A large file is written with O_DIRECT (see :mod:`sbs_core.sync.direct`)
+        unless this filesystem refused it once.
         """
-        if not (self._direct and self.durable and size >= direct.MIN_SIZE):
+        if not (self._direct and size >= direct.MIN_SIZE):
             return os.open(temp, _CREATE_FLAGS, 0o666), False
         try:
             return os.open(temp, _CREATE_FLAGS | direct.O_DIRECT, 0o666), True

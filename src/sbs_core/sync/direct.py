@@ -1,12 +1,13 @@
 """Writing a large received file straight to the disk, past the page cache.
 
-A durable copy has to reach the disk anyway. Through the page cache every
-byte is first copied into freshly allocated cache pages and written back
-later, and the flush before the rename then waits for all of it: on the
-machines measured this costs 4-5 s of kernel CPU per GiB, several times the
-disk's own write time (see docs/benchmarks.md). With ``O_DIRECT`` the data
-goes from one reused, aligned buffer to the disk, and the flush only has the
-file's metadata left to write.
+A replicated copy has to reach the disk anyway, and the standby has no use
+for it in its cache. Through the page cache every byte is first copied into
+freshly allocated cache pages and written back later (the flush before the
+rename of a durable copy waits for all of it): on the machines measured this
+costs 4-5 s of kernel CPU per GiB, several times the disk's own write time
+(see docs/benchmarks.md), and the copies push out of the cache what this
+node's own programs read. With ``O_DIRECT`` the data goes from one reused,
+aligned buffer to the disk, and a flush only has the metadata left to write.
 
 ``O_DIRECT`` wants the buffer, the file offset and the length aligned to the
 device's block size: :class:`DirectWriter` collects the data in an aligned

@@ -78,7 +78,7 @@ CHUNK = 1 << 20  # data frame size
 SMALL = 256 * 1024  # files up to this size are read whole and batched
 BATCH_BYTES = 8 << 20
 BATCH_FILES = 2048
-READ_BATCHES = 2  # batches read ahead of the one being sent: memory, not speed
+READ_BATCHES = 1  # batches read ahead of the one being sent: memory, not speed
 # A batch's Put must fit a frame (8 MiB) whatever its paths' lengths (up to 4 KiB).
 BATCH_NAMES = 1 << 20  # characters of paths in one Put, with PUT_FILE_OVERHEAD each
 PUT_FILE_OVERHEAD = 100
@@ -920,15 +920,29 @@ class SyncEngine:
             PutFile(root=root.spec.id, path=r.path, size=r.size, mtime_ns=r.mtime_ns) for r in reads
         )
         await self._link.send(session.conn, Put(session=session.id, files=files))
-        payload = b"".join(r.data or b"" for r in reads)
-        for start in range(0, len(payload), CHUNK):
-            chunk = payload[start : start + CHUNK]
-            await session.spend(len(chunk))
-            await self._link.send_data(session.conn, chunk)
-            self.status.bytes_sent += len(chunk)
+        # Frames joined from the files' data one at a time: no copy of the batch.
+        parts: list[memoryview] = []
+        filled = 0
+        for r in reads:
+            data = memoryview(r.data or b"")
+            while data:
+                take = min(len(data), CHUNK - filled)
+                parts.append(data[:take])
+                filled += take
+                data = data[take:]
+                if filled == CHUNK:
+                    await self._send_frame(session, b"".join(parts))
+                    parts, filled = [], 0
+        if parts:
+            await self._send_frame(session, b"".join(parts))
         await self._link.send(
             session.conn, Seal(session=session.id, digests=tuple(r.digest for r in reads))
         )
+
+    async def _send_frame(self, session: _SenderSession, chunk: bytes) -> None:
+        await session.spend(len(chunk))
+        await self._link.send_data(session.conn, chunk)
+        self.status.bytes_sent += len(chunk)
 
     async def _stream_large(
         self, session: _SenderSession, root: LocalRoot, path: str, st: FileStat
@@ -967,9 +981,7 @@ class SyncEngine:
                 tg.start_soon(reader)
                 async with rx:
                     async for chunk in rx:
-                        await session.spend(len(chunk))
-                        await self._link.send_data(session.conn, chunk)
-                        self.status.bytes_sent += len(chunk)
+                        await self._send_frame(session, chunk)
             after = os.fstat(f.fileno())
             torn = chunks.torn or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns)
             digest = "" if torn else chunks.hasher.hexdigest()
