@@ -1392,10 +1392,8 @@ class _Receiving:
         # is received and dropped, every file of it retried, and its ack says why.
         self.broken: str | None = None
 
-    async def handle(self, item: SyncMessage | bytes | list[bytes]) -> None:
-        if isinstance(item, bytes):
-            item = [item]
-        if isinstance(item, list):
+    async def handle(self, item: SyncMessage | list[bytes]) -> None:
+        if isinstance(item, list):  # data frames, gathered by _gather_data
             size = sum(len(frame) for frame in item)
             self.session.queued_bytes -= size
             await anyio.to_thread.run_sync(self._write_all, item)
