@@ -131,14 +131,14 @@ def test_small_files_use_the_page_cache_large_ones_do_not_even_when_not_durable(
     site = applier(root, durable=False)
     small = os.urandom(direct.MIN_SIZE - 1)
     [small_outcome] = site.commit([receive(site, "small.bin", small, [])])
-    assert writes.calls == []  # not through the direct writer
+    assert writes.calls == [(False, len(small))]  # through the page cache
 
     data = os.urandom(LARGE)
     [outcome] = site.commit([receive(site, "big.bin", data, [])])
     assert (outcome.status, small_outcome.status) == ("applied", "applied")
     assert (root / "big.bin").read_bytes() == data
     assert (root / "small.bin").read_bytes() == small
-    assert writes.cached_bytes == LARGE % direct.ALIGN
+    assert writes.cached_bytes == len(small) + LARGE % direct.ALIGN
 
 
 def test_a_filesystem_refusing_o_direct_at_the_open_gets_ordinary_writes(

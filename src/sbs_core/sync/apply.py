@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from sbs_core.errors import LocalProtocolError, SbsError
 from sbs_core.state import write_atomically
@@ -206,6 +206,24 @@ class _ConflictPlace:
         return self.folder / self.inner
 
 
+class _Descriptor:
+    """An open file descriptor that is closed once: no file object for a few writes."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)  # closed even when it reports an error
+
+
 class Incoming:
     """One file being received, written to a temporary file beside its target.
 
@@ -224,7 +242,7 @@ class Incoming:
         folder: Path,
         target: str,
         temp: str,
-        file: IO[bytes],
+        file: _Descriptor,
         size: int,
         mtime_ns: int,
         digest: str,
@@ -318,7 +336,7 @@ class Incoming:
             else:
                 rest = view
                 while rest:  # unbuffered: a short write only on a full disk or a signal
-                    took = self._file.write(rest)
+                    took = os.write(self._file.fd, rest)
                     if not took:
                         raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
                     rest = rest[took:]
@@ -339,7 +357,7 @@ class Incoming:
         if self._file.closed:
             return
         try:
-            fd = self._file.fileno()
+            fd = self._file.fd
             if self._writer is not None:
                 self._writer.close_out()
                 self._writer.release()
@@ -401,7 +419,7 @@ class Incoming:
         return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
 
 
-def _discard_temp(file: IO[bytes], temp: str, writer: direct.DirectWriter | None) -> None:
+def _discard_temp(file: _Descriptor, temp: str, writer: direct.DirectWriter | None) -> None:
     # A write error was reported already; cleanup_temp_files gets a file that stays.
     if writer is not None:
         writer.release()
@@ -525,7 +543,7 @@ class Applier:
             # In a folder made by this batch there is nothing to replace.
             if prefix not in self._made_now:
                 found = _copy_mode(fd, target)
-            file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finish() or abort()
+            file = _Descriptor(fd)  # closed by close() or abort()
             if straight:
                 writer = direct.DirectWriter(fd, self._buffers)
         except BaseException:
