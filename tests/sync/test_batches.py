@@ -44,10 +44,18 @@ def test_the_longest_paths_still_give_puts_that_fit_one_frame() -> None:
 
 
 def test_small_files_with_short_names_fill_a_batch_up_to_its_file_count() -> None:
-    files = candidates([20] * (2 * engine.BATCH_FILES + 1), size=100)
+    # The first batches ramp up (the receiver starts early), then stay at the cap.
+    ramp = []
+    most = engine.FIRST_BATCH_FILES
+    while most < engine.BATCH_FILES:
+        ramp.append(most)
+        most *= 2
+    files = candidates([20] * (sum(ramp) + 2 * engine.BATCH_FILES + 1), size=100)
     batches = engine._batches(files)
 
-    assert [len(b) for b in batches] == [engine.BATCH_FILES, engine.BATCH_FILES, 1]
+    assert ramp[0] < engine.BATCH_FILES
+    assert [len(b) for b in batches] == [*ramp, engine.BATCH_FILES, engine.BATCH_FILES, 1]
+    assert [c for b in batches for c in b] == files
 
 
 @settings(max_examples=50, deadline=None)

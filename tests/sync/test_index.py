@@ -60,6 +60,32 @@ def test_huge_inode_and_far_future_mtime(index: HashIndex) -> None:
     assert index.get("r", "f", size=1, mtime_ns=mtime_ns + 1, ino=ino) is None
 
 
+def test_a_folder_read_at_once_answers_as_lookups_file_by_file(index: HashIndex) -> None:
+    huge_ino, far_mtime = 2**64 - 1, 30_000 * 365 * 24 * 3600 * 10**9
+    stored_files = {"a": (1, 2, 3), "b": (10, 20, 30), "huge": (5, far_mtime, huge_ino)}
+    for path, (size, mtime_ns, ino) in stored_files.items():
+        index.put("r", path, size=size, mtime_ns=mtime_ns, ino=ino, digest=DIGEST + path)
+    index.put("other", "c", size=1, mtime_ns=2, ino=3, digest=OTHER_DIGEST)
+
+    stored = index.digests("r")
+
+    assert sorted(stored) == ["a", "b", "huge"]
+    questions = [
+        (path, size + ds, mtime_ns + dm, ino + di)
+        for path, (size, mtime_ns, ino) in [*stored_files.items(), ("c", (1, 2, 3))]
+        for ds, dm, di in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, -1)]
+    ]
+    for path, size, mtime_ns, ino in questions:
+        row = stored.get(path)
+        at_once = (
+            row[3]
+            if row is not None and HashIndex.matches(row, size=size, mtime_ns=mtime_ns, ino=ino)
+            else None
+        )
+        assert at_once == index.get("r", path, size=size, mtime_ns=mtime_ns, ino=ino)
+    assert index.get("r", "huge", size=5, mtime_ns=far_mtime, ino=huge_ino) == DIGEST + "huge"
+
+
 def test_put_many_delete_and_forget(index: HashIndex) -> None:
     index.put_many(
         [

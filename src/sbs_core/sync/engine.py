@@ -78,6 +78,9 @@ CHUNK = 1 << 20  # data frame size
 SMALL = 256 * 1024  # files up to this size are read whole and batched
 BATCH_BYTES = 8 << 20
 BATCH_FILES = 2048
+# A cycle's first batch is small and each next one twice as large, up to
+# BATCH_FILES: the receiver starts writing while the sender reads the rest.
+FIRST_BATCH_FILES = 64
 READ_BATCHES = 1  # batches read ahead of the one being sent: memory, not speed
 # A batch's Put must fit a frame (8 MiB) whatever its paths' lengths (up to 4 KiB).
 BATCH_NAMES = 1 << 20  # characters of paths in one Put, with PUT_FILE_OVERHEAD each
@@ -90,6 +93,9 @@ REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
 RETRY_CYCLES_ALERT = 3
 INVENTORY_CHUNK = 2000
+# A full scan with more files than this missing from memory reads the folder's
+# stored digests in one query instead of one query per file.
+BULK_LOOKUP = 100
 COMMIT_FILES = 2000
 COMMIT_BYTES = 64 << 20
 WATCH_STEP_MS = 50  # quiet time that ends a burst of file events
@@ -670,8 +676,11 @@ class SyncEngine:
         known = session.known.get(root.spec.id, {})
         candidates = []
         agreed = []
+        stored = None
+        if sum((root.spec.id, path) not in self._local for path in scan.files) > BULK_LOOKUP:
+            stored = self.index.digests(root.spec.id)  # one query, not one per file
         for path, st in scan.files.items():
-            digest = self._cached_digest(root.spec.id, st)
+            digest = self._cached_digest(root.spec.id, st, stored)
             have = known.get(path)
             if have is not None and digest is not None and have == (st.size, digest):
                 agreed.append((root.spec.id, path, digest))
@@ -847,7 +856,13 @@ class SyncEngine:
         self._set_bases(kept_bases, [])
         return send
 
-    def _cached_digest(self, root_id: str, st: FileStat) -> str | None:
+    def _cached_digest(
+        self,
+        root_id: str,
+        st: FileStat,
+        stored: dict[str, tuple[int, int, int, str]] | None = None,
+    ) -> str | None:
+        """The digest known for this file as it is now; ``stored``: the root's index, read."""
         cached = self._local.get((root_id, st.path))
         if cached is not None and (cached.size, cached.mtime_ns, cached.ino) == (
             st.size,
@@ -855,7 +870,17 @@ class SyncEngine:
             st.ino,
         ):
             return cached.digest
-        digest = self.index.get(root_id, st.path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino)
+        if stored is None:
+            digest = self.index.get(
+                root_id, st.path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
+            )
+        else:
+            row = stored.get(st.path)
+            digest = None
+            if row is not None and HashIndex.matches(
+                row, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
+            ):
+                digest = row[3]
         if digest is not None:
             self._local[(root_id, st.path)] = _Local(st.size, st.mtime_ns, st.ino, digest)
         return digest
@@ -1274,15 +1299,15 @@ def _batches(
     batches: list[list[tuple[str, FileStat, str | None]]] = []
     current: list[tuple[str, FileStat, str | None]] = []
     size = names = 0
+    most = FIRST_BATCH_FILES
     for item in files:
         name = len(item[0]) + PUT_FILE_OVERHEAD
         if current and (
-            size + item[1].size > BATCH_BYTES
-            or len(current) >= BATCH_FILES
-            or names + name > BATCH_NAMES
+            size + item[1].size > BATCH_BYTES or len(current) >= most or names + name > BATCH_NAMES
         ):
             batches.append(current)
             current, size, names = [], 0, 0
+            most = min(2 * most, BATCH_FILES)
         current.append(item)
         size += item[1].size
         names += name

@@ -123,6 +123,24 @@ class HashIndex:
         with self._transaction() as conn:
             conn.execute("DELETE FROM hashes WHERE root_id = ?", (root_id,))
 
+    def digests(self, root_id: str) -> dict[str, tuple[int, int, int, str]]:
+        """Every stored file of ``root_id``: path -> (size, mtime_ns, ino, digest).
+
+        One query for a whole folder; the times and inodes are as stored (see
+        :func:`_int64`), so compare them through :meth:`matches`.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT path, size, mtime_ns, ino, digest FROM hashes WHERE root_id = ?",
+                (root_id,),
+            )
+            return {row[0]: row[1:] for row in rows}
+
+    @staticmethod
+    def matches(stored: tuple[int, int, int, str], *, size: int, mtime_ns: int, ino: int) -> bool:
+        """True if a row of :meth:`digests` is for a file of this size, time and inode."""
+        return stored[:3] == (size, _int64(mtime_ns), _int64(ino))
+
     def paths(self, root_id: str) -> set[str]:
         """Every path stored for ``root_id``."""
         with self._lock:
