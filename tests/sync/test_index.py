@@ -76,12 +76,7 @@ def test_a_folder_read_at_once_answers_as_lookups_file_by_file(index: HashIndex)
         for ds, dm, di in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, -1)]
     ]
     for path, size, mtime_ns, ino in questions:
-        row = stored.get(path)
-        at_once = (
-            row[3]
-            if row is not None and HashIndex.matches(row, size=size, mtime_ns=mtime_ns, ino=ino)
-            else None
-        )
+        at_once = HashIndex.digest_in(stored, path, size=size, mtime_ns=mtime_ns, ino=ino)
         assert at_once == index.get("r", path, size=size, mtime_ns=mtime_ns, ino=ino)
     assert index.get("r", "huge", size=5, mtime_ns=far_mtime, ino=huge_ino) == DIGEST + "huge"
 

@@ -21,6 +21,7 @@ from sbs_core.sync.paths import TEMP_PREFIX, check_wire_path
 from sbs_core.sync.scan import (
     HASH_NAME,
     FileDigest,
+    FileStat,
     ScanResult,
     hash_file,
     matches,
@@ -71,6 +72,40 @@ def test_filter_applies_to_the_name_not_the_folder() -> None:
 
 
 # -- scan_root --------------------------------------------------------------------
+
+
+def test_each_folder_is_handed_over_as_soon_as_it_is_listed(tmp_path: Path) -> None:
+    _tree(
+        tmp_path,
+        {
+            "top.lab": b"1",
+            "a/one.lab": b"22",
+            "a/two.lab": b"333",
+            "a/deeper/three.lab": b"4444",
+            "b/four.lab": b"5",
+            "b/skipped.txt": b"6",
+        },
+    )
+    (tmp_path / "empty").mkdir()
+    handed: list[list[str]] = []
+
+    def on_folder(files: list[FileStat]) -> None:
+        if not handed:
+            # Called before the subfolders are listed: a file made now is found.
+            (tmp_path / "b" / "late.lab").write_bytes(b"7")
+        handed.append(sorted(f.path for f in files))
+
+    result = scan_root(tmp_path, "*.lab", on_folder=on_folder)
+
+    # One call per folder with files to replicate, each file exactly once.
+    assert handed[0] == ["top.lab"]  # the root's own files, before any subfolder
+    assert sorted(handed) == [
+        ["a/deeper/three.lab"],
+        ["a/one.lab", "a/two.lab"],
+        ["b/four.lab", "b/late.lab"],
+        ["top.lab"],
+    ]
+    assert sorted(p for folder in handed for p in folder) == sorted(result.files)
 
 
 def test_scan_finds_nested_files(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -66,13 +66,16 @@ from sbs_core.sync.roots import (
     save_peer_roots,
     sender_roots,
 )
-from sbs_core.sync.scan import FileStat, ScanResult, hash_file, new_hasher, scan_root
+from sbs_core.sync.scan import FileStat, hash_file, new_hasher, scan_root
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
 
 _BASE = "base:"  # index namespace of the bases (see SyncEngine.base_of)
 
 logger = logging.getLogger("sbs.sync")
+
+#: A file to send, as a scan found it: its path, its stat and its digest if known.
+Candidate = tuple[str, FileStat, str | None]
 
 CHUNK = 1 << 20  # data frame size
 SMALL = 256 * 1024  # files up to this size are read whole and batched
@@ -93,6 +96,7 @@ REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
 RETRY_CYCLES_ALERT = 3
 INVENTORY_CHUNK = 2000
+SCAN_AHEAD = 64  # folders' candidates a full scan may find ahead of the sending
 # A full scan with more files than this missing from memory reads the folder's
 # stored digests in one query instead of one query per file.
 BULK_LOOKUP = 100
@@ -582,14 +586,14 @@ class SyncEngine:
         self, session: _SenderSession, cycle: int, roots: list[LocalRoot], trigger: _Trigger
     ) -> bool:
         began = time.monotonic()
-        plan: list[tuple[LocalRoot, list[tuple[str, FileStat, str | None]], list[str]]] = []
-        pending = 0
+        plan: list[tuple[LocalRoot, list[str]]] = []  # each root and its deletions
+        self.status.files_pending = 0
+        sent_files: dict[str, dict[str, tuple[int, str]]] = {}
+        sent_count = sent_bytes = 0
         for root in roots:
             if trigger.full:
-                scan = await anyio.to_thread.run_sync(scan_root, root.path, root.spec.filter)
-                candidates, deletes = await anyio.to_thread.run_sync(
-                    self._diff_full, session, root, scan
-                )
+                # Sending starts with the first folders listed, not after the whole scan.
+                done, deletes = await self._scan_and_send(session, root, yielding=trigger.yielding)
             else:
                 names = trigger.paths.get(root.spec.id, set())
                 if not names:
@@ -597,18 +601,12 @@ class SyncEngine:
                 candidates, deletes = await anyio.to_thread.run_sync(
                     self._diff_paths, session, root, sorted(names)
                 )
-            plan.append((root, candidates, deletes))
-            pending += len(candidates)
-        self.status.files_pending = pending
-        sent_files: dict[str, dict[str, tuple[int, str]]] = {}
-        sent_count = sent_bytes = 0
-        for root, candidates, deletes in plan:
-            to_send = candidates
-            if trigger.yielding:
-                to_send = await anyio.to_thread.run_sync(
-                    self._keep_conflicts_of_loser, session, root, candidates
-                )
-            done = await self._send_root(session, root, to_send)
+                if trigger.yielding:
+                    candidates = await anyio.to_thread.run_sync(
+                        self._keep_conflicts_of_loser, session, root, candidates
+                    )
+                done = await self._send_root(session, root, _listed(candidates))
+            plan.append((root, deletes))
             sent_files[root.spec.id] = done
             sent_count += len(done)
             sent_bytes += sum(size for size, _ in done.values())
@@ -623,7 +621,7 @@ class SyncEngine:
         failed = {(r, p) for r, p, _ in (*ack.retry, *ack.refused)}
         agreed: list[tuple[str, str, str]] = []
         forgotten: list[tuple[str, str]] = []
-        for root, _candidates, deletes in plan:
+        for root, deletes in plan:
             known = session.known.setdefault(root.spec.id, {})
             for path, value in sent_files.get(root.spec.id, {}).items():
                 if (root.spec.id, path) not in failed:
@@ -670,30 +668,78 @@ class SyncEngine:
             )
         return not (ack.retry or ack.refused or ack.error)
 
-    def _diff_full(
-        self, session: _SenderSession, root: LocalRoot, scan: ScanResult
-    ) -> tuple[list[tuple[str, FileStat, str | None]], list[str]]:
-        known = session.known.get(root.spec.id, {})
-        candidates = []
-        agreed = []
-        stored = None
-        if sum((root.spec.id, path) not in self._local for path in scan.files) > BULK_LOOKUP:
-            stored = self.index.digests(root.spec.id)  # one query, not one per file
-        for path, st in scan.files.items():
-            digest = self._cached_digest(root.spec.id, st, stored)
-            have = known.get(path)
-            if have is not None and digest is not None and have == (st.size, digest):
-                agreed.append((root.spec.id, path, digest))
-                continue
-            candidates.append((path, st, digest))
-        self._set_bases(agreed, [])
+    async def _scan_and_send(
+        self, session: _SenderSession, root: LocalRoot, *, yielding: bool
+    ) -> tuple[dict[str, tuple[int, str]], list[str]]:
+        """A full scan of ``root``, sending what differs as the folders are listed.
+
+        Returns what was sent (as :meth:`_send_root`) and strict sync's
+        deletions, which only the whole scan can tell.
+        """
+        tx, rx = anyio.create_memory_object_stream[list[Candidate]](SCAN_AHEAD)
+        deletes: list[str] = []
+
+        async def produce() -> None:
+            nonlocal deletes
+            # If the sending stopped, its own error is the one to report.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                async with tx:
+                    deletes = await anyio.to_thread.run_sync(
+                        self._scan_and_diff, session, root, yielding, tx
+                    )
+
+        async with _task_group() as tg:
+            tg.start_soon(produce)
+            async with rx:
+                sent = await self._send_root(session, root, rx)
+        return sent, deletes
+
+    def _scan_and_diff(
+        self,
+        session: _SenderSession,
+        root: LocalRoot,
+        yielding: bool,
+        out: MemoryObjectSendStream[list[Candidate]],
+    ) -> list[str]:
+        """Scan ``root`` (blocks), handing each folder's differing files to ``out``."""
+        root_id = root.spec.id
+        known = session.known.get(root_id, {})
+        stored: dict[str, tuple[int, int, int, str]] | None = None
+        misses = 0
+        held: list[Candidate] = []  # a split brain's loser looks at all of them at once
+
+        def on_folder(files: list[FileStat]) -> None:
+            nonlocal stored, misses
+            candidates: list[Candidate] = []
+            agreed = []
+            for st in files:
+                if stored is None and (root_id, st.path) not in self._local:
+                    misses += 1
+                    if misses > BULK_LOOKUP:
+                        stored = self.index.digests(root_id)  # one query, not one per file
+                digest = self._cached_digest(root_id, st, stored)
+                have = known.get(st.path)
+                if have is not None and digest is not None and have == (st.size, digest):
+                    agreed.append((root_id, st.path, digest))
+                    continue
+                candidates.append((st.path, st, digest))
+            if agreed:
+                self._set_bases(agreed, [])
+            if yielding:
+                held.extend(candidates)
+            elif candidates:
+                anyio.from_thread.run(out.send, candidates)
+
+        scan = scan_root(root.path, root.spec.filter, on_folder=on_folder)
+        if held:
+            anyio.from_thread.run(out.send, self._keep_conflicts_of_loser(session, root, held))
         deletes: list[str] = []
         if self.config.node.strict_sync:
             gone = [p for p in known if p not in scan.files]
             deletes = self._allowed_deletes(root, gone, scan.complete, len(scan.files), len(known))
         for error in scan.errors[:3]:
             logger.warning("scan of %s: %s", root.path, error)
-        return candidates, deletes
+        return deletes
 
     def _diff_paths(
         self, session: _SenderSession, root: LocalRoot, names: list[str]
@@ -875,12 +921,9 @@ class SyncEngine:
                 root_id, st.path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
             )
         else:
-            row = stored.get(st.path)
-            digest = None
-            if row is not None and HashIndex.matches(
-                row, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
-            ):
-                digest = row[3]
+            digest = HashIndex.digest_in(
+                stored, st.path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
+            )
         if digest is not None:
             self._local[(root_id, st.path)] = _Local(st.size, st.mtime_ns, st.ino, digest)
         return digest
@@ -889,23 +932,35 @@ class SyncEngine:
         self,
         session: _SenderSession,
         root: LocalRoot,
-        candidates: list[tuple[str, FileStat, str | None]],
+        source: AsyncIterable[list[Candidate]],
     ) -> dict[str, tuple[int, str]]:
-        """Send what the receiver lacks; return path -> (size, digest) of what was sent."""
+        """Send what the receiver lacks; return path -> (size, digest) of what was sent.
+
+        ``source`` gives the candidates in groups as they are found: small
+        files go in batches as soon as one is full, large ones after them.
+        """
         sent: dict[str, tuple[int, str]] = {}
         known = session.known.get(root.spec.id, {})
-        small = [c for c in candidates if c[1].size <= SMALL]
-        large = [c for c in candidates if c[1].size > SMALL]
-        batches = _batches(small)
+        large: list[Candidate] = []
+        progress = _Progress(root.path, 0)
         tx, rx = anyio.create_memory_object_stream[list[_Read]](READ_BATCHES)
 
         async def reader() -> None:
+            batcher = _Batcher()
             async with tx:
-                for batch in batches:
-                    reads = await anyio.to_thread.run_sync(_read_batch, root.path, batch)
-                    await tx.send(reads)
+                async for candidates in source:
+                    self.status.files_pending += len(candidates)
+                    progress.total += len(candidates)
+                    for candidate in candidates:
+                        if candidate[1].size > SMALL:
+                            large.append(candidate)
+                        elif (batch := batcher.add(candidate)) is not None:
+                            await tx.send(
+                                await anyio.to_thread.run_sync(_read_batch, root.path, batch)
+                            )
+                if (batch := batcher.rest()) is not None:
+                    await tx.send(await anyio.to_thread.run_sync(_read_batch, root.path, batch))
 
-        progress = _Progress(root.path, len(candidates))
         async with _task_group() as tg:
             tg.start_soon(reader)
             async with rx:
@@ -1154,11 +1209,12 @@ class SyncEngine:
 
     def _inventory_of(self, root: LocalRoot) -> list[tuple[str, int, int, str]]:
         scan = scan_root(root.path, root.spec.filter)
+        stored = self.index.digests(root.spec.id)  # one query, not one per file
         entries = []
         rows = []
         for path, st in scan.files.items():
-            digest = self.index.get(
-                root.spec.id, path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
+            digest = HashIndex.digest_in(
+                stored, path, size=st.size, mtime_ns=st.mtime_ns, ino=st.ino
             )
             if digest is None:
                 found = hash_file(root.path / path)
@@ -1293,27 +1349,49 @@ class _Read:
     data: bytes | None  # None: vanished or changed while read
 
 
-def _batches(
-    files: list[tuple[str, FileStat, str | None]],
-) -> list[list[tuple[str, FileStat, str | None]]]:
-    batches: list[list[tuple[str, FileStat, str | None]]] = []
-    current: list[tuple[str, FileStat, str | None]] = []
-    size = names = 0
-    most = FIRST_BATCH_FILES
-    for item in files:
+class _Batcher:
+    """Groups small files into batches, bounded in data, file count and Put size."""
+
+    def __init__(self) -> None:
+        self.current: list[Candidate] = []
+        self.size = self.names = 0
+        self.most = FIRST_BATCH_FILES
+
+    def add(self, item: Candidate) -> list[Candidate] | None:
+        """Take ``item``; the batch it completed (without it), if any."""
         name = len(item[0]) + PUT_FILE_OVERHEAD
-        if current and (
-            size + item[1].size > BATCH_BYTES or len(current) >= most or names + name > BATCH_NAMES
+        full = None
+        if self.current and (
+            self.size + item[1].size > BATCH_BYTES
+            or len(self.current) >= self.most
+            or self.names + name > BATCH_NAMES
         ):
-            batches.append(current)
-            current, size, names = [], 0, 0
-            most = min(2 * most, BATCH_FILES)
-        current.append(item)
-        size += item[1].size
-        names += name
-    if current:
-        batches.append(current)
+            full = self.current
+            self.current, self.size, self.names = [], 0, 0
+            self.most = min(2 * self.most, BATCH_FILES)
+        self.current.append(item)
+        self.size += item[1].size
+        self.names += name
+        return full
+
+    def rest(self) -> list[Candidate] | None:
+        """The last, partial batch, if there is one."""
+        rest, self.current = self.current, []
+        return rest or None
+
+
+def _batches(files: list[Candidate]) -> list[list[Candidate]]:
+    """``files`` in batches (see :class:`_Batcher`)."""
+    batcher = _Batcher()
+    batches = [batch for item in files if (batch := batcher.add(item)) is not None]
+    if (rest := batcher.rest()) is not None:
+        batches.append(rest)
     return batches
+
+
+async def _listed(candidates: list[Candidate]) -> AsyncIterator[list[Candidate]]:
+    """Candidates known all at once, as a source for :meth:`SyncEngine._send_root`."""
+    yield candidates
 
 
 def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> list[_Read]:
@@ -1389,10 +1467,8 @@ def _is_folder(mode: int) -> bool:
     return stat.S_ISDIR(mode)
 
 
-def deletes_count(
-    plan: list[tuple[LocalRoot, list[tuple[str, FileStat, str | None]], list[str]]],
-) -> int:
-    return sum(len(d) for _, _, d in plan)
+def deletes_count(plan: list[tuple[LocalRoot, list[str]]]) -> int:
+    return sum(len(d) for _, d in plan)
 
 
 class _Receiving:

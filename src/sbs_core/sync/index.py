@@ -127,7 +127,7 @@ class HashIndex:
         """Every stored file of ``root_id``: path -> (size, mtime_ns, ino, digest).
 
         One query for a whole folder; the times and inodes are as stored (see
-        :func:`_int64`), so compare them through :meth:`matches`.
+        :func:`_int64`): look files up in it with :meth:`digest_in`.
         """
         with self._lock:
             rows = self._conn.execute(
@@ -137,9 +137,19 @@ class HashIndex:
             return {row[0]: row[1:] for row in rows}
 
     @staticmethod
-    def matches(stored: tuple[int, int, int, str], *, size: int, mtime_ns: int, ino: int) -> bool:
-        """True if a row of :meth:`digests` is for a file of this size, time and inode."""
-        return stored[:3] == (size, _int64(mtime_ns), _int64(ino))
+    def digest_in(
+        stored: dict[str, tuple[int, int, int, str]],
+        path: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        ino: int,
+    ) -> str | None:
+        """:meth:`get`, answered from a folder read by :meth:`digests`."""
+        row = stored.get(path)
+        if row is None or row[:3] != (size, _int64(mtime_ns), _int64(ino)):
+            return None
+        return row[3]
 
     def paths(self, root_id: str) -> set[str]:
         """Every path stored for ``root_id``."""

@@ -120,7 +120,13 @@ def _matcher(pattern: str) -> Callable[[str], bool]:
     return lambda name: full(name) is not None or ("." not in name and stem(name) is not None)
 
 
-def scan_root(root: Path, pattern: str, *, windows: bool = True) -> ScanResult:
+def scan_root(
+    root: Path,
+    pattern: str,
+    *,
+    windows: bool = True,
+    on_folder: Callable[[list[FileStat]], None] | None = None,
+) -> ScanResult:
     """List every file under ``root`` (recursively) whose name matches ``pattern``.
 
     Symbolic links are never followed, only counted; sbs's temporary files are
@@ -130,6 +136,9 @@ def scan_root(root: Path, pattern: str, *, windows: bool = True) -> ScanResult:
     cannot store, since a scan does not know the OS of the node receiving it.
 
     ``root`` itself may be a link to a folder: the user configured it.
+
+    ``on_folder`` is called with the files of each folder as soon as it is
+    listed, so a caller can start on them while the rest is scanned.
     """
     result = ScanResult()
     try:
@@ -144,39 +153,48 @@ def scan_root(root: Path, pattern: str, *, windows: bool = True) -> ScanResult:
         result.missing = True
         return result
 
-    return _Walk(pattern, windows=windows).run(os.fspath(root), result)
+    return _Walk(pattern, windows=windows, on_folder=on_folder).run(os.fspath(root), result)
 
 
 class _Walk:
     """One recursive listing; a stack instead of recursion keeps deep trees safe."""
 
-    def __init__(self, pattern: str, *, windows: bool) -> None:
+    def __init__(
+        self, pattern: str, *, windows: bool, on_folder: Callable[[list[FileStat]], None] | None
+    ) -> None:
         self.match = _matcher(pattern)
         self.windows = windows
+        self.on_folder = on_folder
         self.pending: list[tuple[str, str]] = []
 
     def run(self, root: str, result: ScanResult) -> ScanResult:
         self.pending.append((root, ""))
         while self.pending:
             folder, prefix = self.pending.pop()
+            found: list[FileStat] = []
             try:
                 with os.scandir(folder) as entries:
                     for entry in entries:
-                        self.visit(entry, prefix, result)
+                        st = self.visit(entry, prefix, result)
+                        if st is not None:
+                            found.append(st)
             except OSError as exc:
                 if isinstance(exc, FileNotFoundError):
                     reason = "it vanished during the scan"
                 else:
                     reason = _os_reason(exc)
                 result.errors.append(f"cannot list folder {_printable(folder)}: {reason}")
+            if found and self.on_folder is not None:
+                self.on_folder(found)
         return result
 
-    def visit(self, entry: os.DirEntry[str], prefix: str, result: ScanResult) -> None:
+    def visit(self, entry: os.DirEntry[str], prefix: str, result: ScanResult) -> FileStat | None:
+        """Note one entry in ``result``; the file's stat if it is one to replicate."""
         name = entry.name
         try:
             if _is_link(entry):
                 result.skipped_symlinks += 1
-                return
+                return None
             if entry.is_dir(follow_symlinks=False):
                 reason = _component_problem(name, windows=self.windows)
                 if reason is not None:
@@ -185,29 +203,30 @@ class _Walk:
                     )
                 else:
                     self.pending.append((entry.path, f"{prefix}{name}/"))
-                return
+                return None
             if name.startswith(TEMP_PREFIX) or not self.match(name):
-                return
+                return None
             rel = prefix + name
             if not entry.is_file(follow_symlinks=False):
                 result.unsendable.append(f"{_shown(rel)} is not replicated: not a regular file")
-                return
+                return None
             reason = _component_problem(name, windows=self.windows)
             if reason is None and len(rel.encode("utf-8")) > MAX_PATH_BYTES:
                 reason = f"is longer than {MAX_PATH_BYTES} bytes"
             if reason is not None:
                 result.unsendable.append(f"{_shown(rel)} is not replicated: its name {reason}")
-                return
+                return None
             info = entry.stat(follow_symlinks=False)
             # Windows leaves st_ino at 0 in a directory listing; inode() asks for it.
             ino = info.st_ino or entry.inode()
         except FileNotFoundError:
             # Deleted since the folder was listed: it is simply not there any more.
-            return
+            return None
         except OSError as exc:
             result.errors.append(f"cannot read {_printable(entry.path)}: {_os_reason(exc)}")
-            return
-        result.files[rel] = FileStat(rel, info.st_size, info.st_mtime_ns, ino)
+            return None
+        st = result.files[rel] = FileStat(rel, info.st_size, info.st_mtime_ns, ino)
+        return st
 
 
 if sys.platform == "win32":
