@@ -477,14 +477,17 @@ def files_changing_while_sent(lab: NetLab, *, seconds: float = 3.0) -> Figures:
             write_in_place(path, make_content(f"churn-{written}", 2 << 20))
             time.sleep(0.02)
     finally:
-        final = path.read_bytes()
-        wait_until(
-            "the last version on b",
-            lambda: copy.exists() and copy.read_bytes() == final,
-            timeout=20,
-        )
-        stop.set()
-        reader.join(5)
+        try:
+            final = path.read_bytes()
+            wait_until(
+                "the last version on b",
+                lambda: copy.exists() and copy.read_bytes() == final,
+                timeout=20,
+            )
+        finally:
+            # Stopped whatever happened: a reader left running would fail a later test.
+            stop.set()
+            reader.join(5)
     return {
         "versions_written": written,
         "versions_seen_on_b": len(versions_seen),

@@ -178,6 +178,8 @@ class Workload:
                     except OSError as exc:
                         # A full disk on an acting primary is the operator's problem, not sbs's.
                         self.checker.violation("workload", f"could not change a file: {exc!r}")
+                    except Exception as exc:  # a bug shows in this soak, not in a later test
+                        self.checker.violation("workload", f"the workload failed: {exc!r}")
             self._stop.wait(self.rng.uniform(0.05, 0.3))
 
     def _one(self) -> None:
