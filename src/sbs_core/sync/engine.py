@@ -96,7 +96,7 @@ REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
 RETRY_CYCLES_ALERT = 3
 INVENTORY_CHUNK = 2000
-SCAN_AHEAD = 64  # folders' candidates a full scan may find ahead of the sending
+SCAN_AHEAD = 16  # groups of candidates a full scan may find ahead of the sending
 # A full scan with more files than this missing from memory reads the folder's
 # stored digests in one query instead of one query per file.
 BULK_LOOKUP = 100
@@ -701,17 +701,29 @@ class SyncEngine:
         yielding: bool,
         out: MemoryObjectSendStream[list[Candidate]],
     ) -> list[str]:
-        """Scan ``root`` (blocks), handing each folder's differing files to ``out``."""
+        """Scan ``root`` (blocks), handing the differing files to ``out`` as folders are listed.
+
+        Files are handed over (and agreements written) in groups, not folder by
+        folder: a tree of many small folders must not cost a trip to the event
+        loop and a transaction per folder.
+        """
         root_id = root.spec.id
         known = session.known.get(root_id, {})
         stored: dict[str, tuple[int, int, int, str]] | None = None
         misses = 0
-        held: list[Candidate] = []  # a split brain's loser looks at all of them at once
+        candidates: list[Candidate] = []
+        agreed: list[tuple[str, str, str]] = []
+        group = FIRST_BATCH_FILES  # grows like the batches: few trips to the event loop
+
+        def hand_over() -> None:
+            nonlocal candidates, group
+            if candidates:
+                anyio.from_thread.run(out.send, candidates)
+                candidates = []
+                group = min(2 * group, BATCH_FILES)
 
         def on_folder(files: list[FileStat]) -> None:
-            nonlocal stored, misses
-            candidates: list[Candidate] = []
-            agreed = []
+            nonlocal stored, misses, agreed
             for st in files:
                 if stored is None and (root_id, st.path) not in self._local:
                     misses += 1
@@ -723,16 +735,17 @@ class SyncEngine:
                     agreed.append((root_id, st.path, digest))
                     continue
                 candidates.append((st.path, st, digest))
-            if agreed:
+            if len(agreed) >= INVENTORY_CHUNK:
                 self._set_bases(agreed, [])
-            if yielding:
-                held.extend(candidates)
-            elif candidates:
-                anyio.from_thread.run(out.send, candidates)
+                agreed = []
+            if len(candidates) >= group and not yielding:
+                hand_over()  # (a split brain's loser looks at all of them at once, below)
 
         scan = scan_root(root.path, root.spec.filter, on_folder=on_folder)
-        if held:
-            anyio.from_thread.run(out.send, self._keep_conflicts_of_loser(session, root, held))
+        self._set_bases(agreed, [])
+        if yielding:
+            candidates = self._keep_conflicts_of_loser(session, root, candidates)
+        hand_over()
         deletes: list[str] = []
         if self.config.node.strict_sync:
             gone = [p for p in known if p not in scan.files]
