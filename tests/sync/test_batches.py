@@ -22,6 +22,15 @@ def candidates(lengths: list[int], size: int) -> list[Candidate]:
     return out
 
 
+def batches_of(files: list[Candidate]) -> list[list[Candidate]]:
+    """``files`` as the sender groups them, one candidate after the other."""
+    batcher = engine._Batcher()
+    batches = [batch for item in files if (batch := batcher.add(item)) is not None]
+    if (rest := batcher.rest()) is not None:
+        batches.append(rest)
+    return batches
+
+
 def put_of(batch: list[Candidate]) -> bytes:
     return encode_message(
         Put(
@@ -36,7 +45,7 @@ def put_of(batch: list[Candidate]) -> bytes:
 
 def test_the_longest_paths_still_give_puts_that_fit_one_frame() -> None:
     files = candidates([4096] * 5000, size=1)
-    batches = engine._batches(files)
+    batches = batches_of(files)
 
     assert [c for b in batches for c in b] == files  # every file once, in order
     assert max(len(put_of(b)) for b in batches) < DEFAULT_MAX_FRAME
@@ -51,7 +60,7 @@ def test_small_files_with_short_names_fill_a_batch_up_to_its_file_count() -> Non
         ramp.append(most)
         most *= 2
     files = candidates([20] * (sum(ramp) + 2 * engine.BATCH_FILES + 1), size=100)
-    batches = engine._batches(files)
+    batches = batches_of(files)
 
     assert ramp[0] < engine.BATCH_FILES
     assert [len(b) for b in batches] == [*ramp, engine.BATCH_FILES, engine.BATCH_FILES, 1]
@@ -64,7 +73,7 @@ def test_small_files_with_short_names_fill_a_batch_up_to_its_file_count() -> Non
     size=st.integers(0, engine.SMALL),
 )
 def test_every_batch_respects_every_bound(lengths: list[int], size: int) -> None:
-    batches = engine._batches(candidates(lengths, size))
+    batches = batches_of(candidates(lengths, size))
 
     assert sum(len(b) for b in batches) == len(lengths)
     for batch in batches:

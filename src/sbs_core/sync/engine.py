@@ -1393,15 +1393,6 @@ class _Batcher:
         return rest or None
 
 
-def _batches(files: list[Candidate]) -> list[list[Candidate]]:
-    """``files`` in batches (see :class:`_Batcher`)."""
-    batcher = _Batcher()
-    batches = [batch for item in files if (batch := batcher.add(item)) is not None]
-    if (rest := batcher.rest()) is not None:
-        batches.append(rest)
-    return batches
-
-
 async def _listed(candidates: list[Candidate]) -> AsyncIterator[list[Candidate]]:
     """Candidates known all at once, as a source for :meth:`SyncEngine._send_root`."""
     yield candidates
