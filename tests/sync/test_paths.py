@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 
 from sbs_core.errors import RemoteProtocolError
 from sbs_core.sync.paths import (
+    MAX_COMPONENT_BYTES,
+    MAX_PATH_BYTES,
     TEMP_PREFIX,
     UnsafePathError,
+    _broken_component_rule,
+    _broken_path_rule,
+    _component_problem,
+    _path_problem,
     check_wire_path,
     resolve_inside,
 )
@@ -256,6 +262,63 @@ def test_windows_mode_only_adds_refusals(path: str) -> None:
     except UnsafePathError:
         return
     check_wire_path(path, windows=False)
+
+
+# The one-match shortcut for plain names must agree with the rules one by one.
+tricky_piece = st.one_of(
+    st.sampled_from(
+        [
+            "a",
+            "Z",
+            "0",
+            ".",
+            "..",
+            " ",
+            "/",
+            "\\",
+            ":",
+            "$",
+            "<",
+            "*",
+            "\x00",
+            "\x7f",
+            "é",
+            "¹",
+            "\u212a",
+            "\u017f",
+            "CON",
+            "con",
+            "CONIN$",
+            "conout$",
+            "Lpt1",
+            "COM0",
+            "aux",
+            "NUL ",
+            TEMP_PREFIX,
+            "x" * 250,
+        ]
+    ),
+    st.text(max_size=6),
+)
+tricky_path = st.lists(tricky_piece, max_size=12).map("".join)
+
+
+@given(path=tricky_path, windows=st.booleans())
+@example(path="a" * MAX_COMPONENT_BYTES, windows=False)
+@example(path="a" * (MAX_COMPONENT_BYTES + 1), windows=False)
+@example(path="/".join(["a" * 200] * 21), windows=False)
+@example(path="d/" + TEMP_PREFIX + "x", windows=False)
+@example(path="com1 .txt/x", windows=True)
+@example(path="a/Con/b", windows=False)
+@example(path="LPT9", windows=False)
+def test_the_plain_path_shortcut_agrees_with_every_rule(path: str, windows: bool) -> None:
+    assert _path_problem(path, windows=windows) == _broken_path_rule(path, windows=windows)
+    name = path.rpartition("/")[2]
+    assert _component_problem(name, windows=windows) == _broken_component_rule(
+        name, windows=windows
+    )
+    if len(path) > MAX_PATH_BYTES:
+        assert _path_problem(path, windows=windows) is not None
 
 
 # -- resolve_inside -------------------------------------------------------------
