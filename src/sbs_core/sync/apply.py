@@ -272,9 +272,6 @@ class Incoming:
         # The temporary file's own lstat once finished (its device, and its
         # identity, which the rename keeps): no path lookup needed later.
         self._finished_info: os.stat_result | None = None
-        # A dropped Incoming must not leave its temporary file for the next
-        # cleanup, nor an unclosed file for the garbage collector to warn about.
-        self._discard = weakref.finalize(self, _discard_temp, file, temp, writer)
 
     @property
     def digest(self) -> str:
@@ -394,7 +391,15 @@ class Incoming:
         """Close and delete the temporary file. Harmless if done already or committed."""
         if self.pending:
             self._state = "aborted"
-            self._discard()
+            _discard_temp(self._file, self._temp, self._writer)
+
+    def __del__(self) -> None:
+        # A dropped Incoming must not leave its temporary file for the next
+        # cleanup, nor an unclosed file for the garbage collector to warn about.
+        # (A method rather than a weakref.finalize: that costs a registry entry
+        # per file, and thousands of files per batch pass through here.)
+        if getattr(self, "_state", None) in ("open", "finished"):
+            self.abort()
 
     @property
     def identity(self) -> FileIdentity | None:
@@ -412,7 +417,6 @@ class Incoming:
 
     def _committed(self) -> Outcome:
         self._state = "committed"
-        self._discard.detach()
         return Outcome(self.root_id, self.path, "applied")
 
     def __repr__(self) -> str:
