@@ -56,7 +56,7 @@ from sbs_core.messages import (
     Seal,
     SyncStart,
 )
-from sbs_core.sync.engine import WINDOW
+from sbs_core.sync.engine import WATCH_PAUSE_FILES, WINDOW
 from sbs_core.sync.paths import TEMP_PREFIX
 
 pytestmark = [
@@ -262,6 +262,53 @@ def test_cycles_trust_the_watcher_and_rescan_only_at_the_rescan_interval(tmp_pat
             timeout=rescan + 5,
         )
         report("the next full scan, after the one of the start", rescanned)
+
+
+def test_a_cycle_reading_most_files_stops_watching_and_then_misses_no_change(
+    tmp_path: Path,
+) -> None:
+    # Each file the primary opens is an event for its own watcher, so a cycle
+    # that reads most of the tree stops the watcher, and a full scan after the
+    # cycle finds what changed meanwhile. A long period and rescan interval:
+    # nothing else could bring the change made while nobody watched.
+    files = WATCH_PAUSE_FILES * 6
+    with replica_pair(tmp_path / "pair", node={"period": 60.0, "rescan_interval": 600.0}) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        for n in range(files):  # 8 KiB each: the cycle lasts over a second, in 3 commits
+            write(src / f"d{n % 40:02}" / f"f{n:05}.bin", f"{n:08}".encode() * 1024)
+        start_pair(pair)
+        wait_until(
+            "the watcher stopped", lambda: "file watching paused" in log_text(pair.a), timeout=20
+        )
+        time.sleep(0.2)  # the watcher's thread sees the stop within 50 ms
+
+        def received() -> list[Path]:
+            return [c.relative_to(dst) for c in dst.glob("d*/f*.bin") if c.stat().st_size == 8192]
+
+        # A file b has already: the cycle read it before the change.
+        wait_until("b's first files", lambda: bool(received()), timeout=20, poll=0.005)
+        rel = received()[0]
+        write(src / rel, b"changed while nobody watched\n")
+        assert "file watching resumed" not in log_text(pair.a), "the cycle was over already"
+        took = wait_until(
+            "the change on b",
+            lambda: has_bytes(dst / rel, b"changed while nobody watched\n"),
+            timeout=20,
+        )
+        report("change made during the cycle, on b", took)
+        wait_same_tree(src, dst, timeout=20)
+        assert "file watching resumed" in log_text(pair.a)
+
+        # And the watcher is back: a change arrives within a second again.
+        write(src / "after.txt", b"after the big cycle\n")
+        took = wait_until(
+            "after.txt on b",
+            lambda: has_bytes(dst / "after.txt", b"after the big cycle\n"),
+            timeout=5,
+        )
+        report("change after the big cycle, on b", took)
+        assert took < EVENT_BOUND
+        assert status_of(pair.a)["last_sync_error"] is None
 
 
 # -- 3. strict or not

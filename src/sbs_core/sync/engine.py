@@ -103,6 +103,9 @@ BULK_LOOKUP = 100
 COMMIT_FILES = 2000
 COMMIT_BYTES = 64 << 20
 WATCH_STEP_MS = 50  # quiet time that ends a burst of file events
+# A full cycle that reads at least this many files, and at least half of those
+# listed so far, does it with the watcher stopped (see SyncEngine._pause_watching).
+WATCH_PAUSE_FILES = 1000
 # The watcher's thread returns this often even when nothing changes (each return
 # is a trip through the event loop); a stop is seen within WATCH_STEP_MS anyway.
 WATCH_RETURN_MS = 10_000
@@ -259,6 +262,7 @@ class SyncEngine:
         self._watched: dict[str, tuple[int, int]] = {}  # root id -> (device, inode) watched
         self._watch_run = anyio.Event()
         self._watch_ended = False
+        self._watch_paused = False  # stopped while a full cycle reads (see _pause_watching)
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
         self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
@@ -429,7 +433,8 @@ class SyncEngine:
             run = self._watch_run = anyio.Event()
             # Only a node sending to its peer needs events: a session starts with
             # a full scan, so nothing is missed while nobody watches.
-            roots = [r for r in self.roots() if r.path.is_dir()] if self._sender else []
+            watched = self._sender is not None and not self._watch_paused
+            roots = [r for r in self.roots() if r.path.is_dir()] if watched else []
             if not roots:
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
@@ -457,6 +462,26 @@ class SyncEngine:
                     await run.wait()
             finally:
                 self._watching = False
+
+    def _pause_watching(self, cycle: int) -> None:
+        """Stop the watcher while a full cycle reads most of the tree (event loop only).
+
+        The watcher is told of every file this node opens (inotify reports
+        opens, and watchfiles asks for them): reading 20,000 files cost the
+        primary about 0.4 s of CPU in wake-ups for events nothing uses, on the
+        two cores it shares with the transfer. The full scan that follows the
+        restart (see :meth:`_watch_roots`) finds whatever changed meanwhile.
+        """
+        if not self._watch_paused:
+            self._watch_paused = True
+            self._watch_run.set()
+            logger.info("file watching paused while cycle %d reads most files", cycle)
+
+    def _resume_watching(self) -> None:
+        if self._watch_paused:
+            self._watch_paused = False
+            self._watch_run.set()
+            logger.info("file watching resumed; a full scan looks for changes made meanwhile")
 
     def _watch_holds(self) -> bool:
         """Whether the watcher still watches every root where it is (blocks: a stat per root).
@@ -553,7 +578,10 @@ class SyncEngine:
                     await self._run_update_scripts()
             # Read before the cycle: a confirmation given while it runs is for the next one.
             confirmed = trigger.full and self._deletes_confirmed
-            ok = await self._cycle(session, cycle, roots, trigger)
+            try:
+                ok = await self._cycle(session, cycle, roots, trigger)
+            finally:
+                self._resume_watching()
             if confirmed:
                 self._deletes_confirmed = False
             if trigger.final is not None:
@@ -593,7 +621,9 @@ class SyncEngine:
         for root in roots:
             if trigger.full:
                 # Sending starts with the first folders listed, not after the whole scan.
-                done, deletes = await self._scan_and_send(session, root, yielding=trigger.yielding)
+                done, deletes = await self._scan_and_send(
+                    session, root, cycle=cycle, yielding=trigger.yielding
+                )
             else:
                 names = trigger.paths.get(root.spec.id, set())
                 if not names:
@@ -669,7 +699,7 @@ class SyncEngine:
         return not (ack.retry or ack.refused or ack.error)
 
     async def _scan_and_send(
-        self, session: _SenderSession, root: LocalRoot, *, yielding: bool
+        self, session: _SenderSession, root: LocalRoot, *, cycle: int, yielding: bool
     ) -> tuple[dict[str, tuple[int, str]], list[str]]:
         """A full scan of ``root``, sending what differs as the folders are listed.
 
@@ -685,7 +715,7 @@ class SyncEngine:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 async with tx:
                     deletes = await anyio.to_thread.run_sync(
-                        self._scan_and_diff, session, root, yielding, tx
+                        self._scan_and_diff, session, root, cycle, yielding, tx
                     )
 
         async with _task_group() as tg:
@@ -698,6 +728,7 @@ class SyncEngine:
         self,
         session: _SenderSession,
         root: LocalRoot,
+        cycle: int,
         yielding: bool,
         out: MemoryObjectSendStream[list[Candidate]],
     ) -> list[str]:
@@ -714,16 +745,22 @@ class SyncEngine:
         candidates: list[Candidate] = []
         agreed: list[tuple[str, str, str]] = []
         group = FIRST_BATCH_FILES  # grows like the batches: few trips to the event loop
+        listed = to_read = 0
+        pause = False  # the watcher is to stop before the next files are read
 
         def hand_over() -> None:
-            nonlocal candidates, group
+            nonlocal candidates, group, pause
+            if pause:
+                anyio.from_thread.run_sync(self._pause_watching, cycle)
+                pause = False
             if candidates:
                 anyio.from_thread.run(out.send, candidates)
                 candidates = []
                 group = min(2 * group, BATCH_FILES)
 
         def on_folder(files: list[FileStat]) -> None:
-            nonlocal stored, misses, agreed
+            nonlocal stored, misses, agreed, listed, to_read, pause
+            listed += len(files)
             for st in files:
                 if stored is None and (root_id, st.path) not in self._local:
                     misses += 1
@@ -735,6 +772,9 @@ class SyncEngine:
                     agreed.append((root_id, st.path, digest))
                     continue
                 candidates.append((st.path, st, digest))
+                to_read += 1
+            if to_read >= WATCH_PAUSE_FILES and 2 * to_read >= listed and not self._watch_paused:
+                pause = True
             if len(agreed) >= INVENTORY_CHUNK:
                 self._set_bases(agreed, [])
                 agreed = []
