@@ -206,24 +206,6 @@ class _ConflictPlace:
         return self.folder / self.inner
 
 
-class _Descriptor:
-    """An open file descriptor that is closed once: no file object for a few writes."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)  # closed even when it reports an error
-
-
 class Incoming:
     """One file being received, written to a temporary file beside its target.
 
@@ -232,6 +214,29 @@ class Incoming:
     throws it away. Whatever fails on the way removes the temporary file, and
     so does the garbage collector if an unfinished one is simply dropped.
     """
+
+    # Thousands of them per batch: slots, and the bare descriptor (no file object).
+    __slots__ = (
+        "__weakref__",
+        "_applier",
+        "_digest",
+        "_fd",
+        "_finished_info",
+        "_guarded",
+        "_hasher",
+        "_replaces",
+        "_state",
+        "_target",
+        "_temp",
+        "_writer",
+        "_written",
+        "folder",
+        "found",
+        "mtime_ns",
+        "path",
+        "root_id",
+        "size",
+    )
 
     def __init__(
         self,
@@ -242,7 +247,7 @@ class Incoming:
         folder: Path,
         target: str,
         temp: str,
-        file: _Descriptor,
+        fd: int,
         size: int,
         mtime_ns: int,
         digest: str,
@@ -259,7 +264,7 @@ class Incoming:
         self._digest = digest.lower()
         self._applier = applier
         self._temp = temp
-        self._file = file
+        self._fd = fd  # -1 once closed
         # Set when the temporary file was opened with O_DIRECT (see sbs_core.sync.direct).
         self._writer = writer
         self._hasher = new_hasher()
@@ -321,7 +326,7 @@ class Incoming:
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; more bytes than the announced size abort the file."""
         self._require("open")
-        if self._file.closed:
+        if self._fd < 0:
             raise LocalProtocolError(f"{self.path}: written after close()")
         view = memoryview(data)
         if self._written + view.nbytes > self.size:
@@ -333,7 +338,7 @@ class Incoming:
             else:
                 rest = view
                 while rest:  # unbuffered: a short write only on a full disk or a signal
-                    took = os.write(self._file.fd, rest)
+                    took = os.write(self._fd, rest)
                     if not took:
                         raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
                     rest = rest[took:]
@@ -351,10 +356,10 @@ class Incoming:
         if closed already; on a failure (a full disk) the file is aborted.
         """
         self._require("open")
-        if self._file.closed:
+        fd = self._fd
+        if fd < 0:
             return
         try:
-            fd = self._file.fd
             if self._writer is not None:
                 self._writer.close_out()
                 self._writer.release()
@@ -362,7 +367,8 @@ class Incoming:
                 # Set on the temporary file, so the target never shows the copy time.
                 os.utime(fd, ns=(time.time_ns(), self.mtime_ns))
             self._finished_info = os.fstat(fd)
-            self._file.close()  # a full disk may only show up here
+            self._fd = -1
+            os.close(fd)  # a full disk may only show up here; closed even then
         except BaseException:
             self.abort()
             raise
@@ -391,7 +397,8 @@ class Incoming:
         """Close and delete the temporary file. Harmless if done already or committed."""
         if self.pending:
             self._state = "aborted"
-            _discard_temp(self._file, self._temp, self._writer)
+            fd, self._fd = self._fd, -1
+            _discard_temp(fd, self._temp, self._writer)
 
     def __del__(self) -> None:
         # A dropped Incoming must not leave its temporary file for the next
@@ -423,12 +430,13 @@ class Incoming:
         return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
 
 
-def _discard_temp(file: _Descriptor, temp: str, writer: direct.DirectWriter | None) -> None:
+def _discard_temp(fd: int, temp: str, writer: direct.DirectWriter | None) -> None:
     # A write error was reported already; cleanup_temp_files gets a file that stays.
     if writer is not None:
         writer.release()
-    with contextlib.suppress(OSError):
-        file.close()
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(temp)
 
@@ -547,7 +555,6 @@ class Applier:
             # In a folder made by this batch there is nothing to replace.
             if prefix not in self._made_now:
                 found = _copy_mode(fd, target)
-            file = _Descriptor(fd)  # closed by close() or abort()
             if straight:
                 writer = direct.DirectWriter(fd, self._buffers)
         except BaseException:
@@ -561,7 +568,7 @@ class Applier:
             folder=folder,
             target=target,
             temp=temp,
-            file=file,
+            fd=fd,  # closed by close() or abort()
             size=size,
             mtime_ns=mtime_ns,
             digest=digest,
