@@ -463,7 +463,7 @@ class SyncEngine:
             finally:
                 self._watching = False
 
-    def _pause_watching(self, cycle: int) -> None:
+    def _pause_watching(self) -> None:
         """Stop the watcher while a full cycle reads most of the tree (event loop only).
 
         The watcher is told of every file this node opens (inotify reports
@@ -475,7 +475,7 @@ class SyncEngine:
         if not self._watch_paused:
             self._watch_paused = True
             self._watch_run.set()
-            logger.info("file watching paused while cycle %d reads most files", cycle)
+            logger.info("file watching paused while this cycle reads most files")
 
     def _resume_watching(self) -> None:
         if self._watch_paused:
@@ -621,9 +621,7 @@ class SyncEngine:
         for root in roots:
             if trigger.full:
                 # Sending starts with the first folders listed, not after the whole scan.
-                done, deletes = await self._scan_and_send(
-                    session, root, cycle=cycle, yielding=trigger.yielding
-                )
+                done, deletes = await self._scan_and_send(session, root, yielding=trigger.yielding)
             else:
                 names = trigger.paths.get(root.spec.id, set())
                 if not names:
@@ -699,7 +697,7 @@ class SyncEngine:
         return not (ack.retry or ack.refused or ack.error)
 
     async def _scan_and_send(
-        self, session: _SenderSession, root: LocalRoot, *, cycle: int, yielding: bool
+        self, session: _SenderSession, root: LocalRoot, *, yielding: bool
     ) -> tuple[dict[str, tuple[int, str]], list[str]]:
         """A full scan of ``root``, sending what differs as the folders are listed.
 
@@ -715,7 +713,7 @@ class SyncEngine:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 async with tx:
                     deletes = await anyio.to_thread.run_sync(
-                        self._scan_and_diff, session, root, cycle, yielding, tx
+                        self._scan_and_diff, session, root, yielding, tx
                     )
 
         async with _task_group() as tg:
@@ -728,7 +726,6 @@ class SyncEngine:
         self,
         session: _SenderSession,
         root: LocalRoot,
-        cycle: int,
         yielding: bool,
         out: MemoryObjectSendStream[list[Candidate]],
     ) -> list[str]:
@@ -751,7 +748,7 @@ class SyncEngine:
         def hand_over() -> None:
             nonlocal candidates, group, pause
             if pause:
-                anyio.from_thread.run_sync(self._pause_watching, cycle)
+                anyio.from_thread.run_sync(self._pause_watching)
                 pause = False
             if candidates:
                 anyio.from_thread.run(out.send, candidates)
