@@ -575,6 +575,69 @@ def test_crafted_paths_from_a_peer_never_leave_the_folder(tmp_path: Path) -> Non
         assert "refused the peer's sync session" in log_text(pair.b)
 
 
+def test_a_crafted_batch_with_a_torn_file_or_extra_bytes_writes_nothing_torn(
+    tmp_path: Path,
+) -> None:
+    # A batch of small files is held in memory and written once its Seal is in:
+    # a file whose bytes do not match its digest is retried, the rest applies;
+    # bytes beyond what the Put announced end the session with nothing written.
+    with replica_pair(tmp_path / "pair", modes=("auto", "backup")) as pair:
+        dst = data_of(pair.b)
+        pair.b.start()
+        pair.b.wait_for("a waiting secondary", lambda st: st["role"] == "secondary", timeout=10)
+        folder = RootSpec(id="folder:data|*", path="data", filter="*")
+        meant = {"one.txt": b"first\n", "sub/two.txt": b"second\n", "three.txt": b"third\n"}
+        sent = dict(meant, **{"sub/two.txt": b"SECOND\n"})  # same size, other bytes
+
+        def put(session: int, files: dict[str, bytes]) -> Put:
+            return Put(
+                session=session,
+                files=tuple(
+                    PutFile(root=folder.id, path=p, size=len(d), mtime_ns=0)
+                    for p, d in files.items()
+                ),
+            )
+
+        with RawPeer(pair, pair.b) as peer:
+            peer.hello()
+            pair.b.wait_for(
+                "following the crafted peer",
+                lambda st: connected_secondary(st) and st["peer"]["name"] == "crafted",
+                timeout=5,
+            )
+            peer.send(
+                SyncStart(session=7, roots=(folder,), preserve_timestamps=False, window=WINDOW)
+            )
+            assert peer.take(Inventory, timeout=5).last
+            peer.send(put(7, meant))
+            peer.send_data(b"".join(sent.values()))
+            peer.send(
+                Seal(
+                    session=7, digests=tuple(xxhash.xxh3_128(d).hexdigest() for d in meant.values())
+                )
+            )
+            peer.send(CycleEnd(session=7, cycle=1))
+            ack = peer.take(CycleAck, timeout=5)
+            assert ack.applied == 2
+            assert [(path, "content hash" in why) for _, path, why in ack.retry] == [
+                ("sub/two.txt", True)
+            ]
+            assert contents(dst) == {"one.txt": b"first\n", "three.txt": b"third\n"}
+
+            extra = {"four.txt": b"fourth\n"}
+            peer.send(put(7, extra))
+            peer.send_data(b"fourth\n and more than announced")
+            pair.b.wait_for(
+                "ending the session",
+                lambda st: "more data than the Put announced" in str(st["last_sync_error"]),
+                timeout=5,
+            )
+
+        assert contents(dst) == {"one.txt": b"first\n", "three.txt": b"third\n"}
+        assert temp_files(dst) == []
+        assert pair.b.alive
+
+
 # -- 7. a crash in the middle of a file
 
 

@@ -291,6 +291,73 @@ def test_a_replaced_file_keeps_its_permissions(site: Site) -> None:
     assert target.read_bytes() == b"new"
 
 
+# --- small files held whole in memory ----------------------------------------------------
+
+
+def test_a_file_written_whole_round_trips_and_replaces_keeping_permissions(site: Site) -> None:
+    site.root.mkdir()
+    kept = site.root / "secret.lab"
+    kept.write_bytes(b"old")
+    kept.chmod(0o600)
+    applier = site.applier(durable=True)
+    files = {"secret.lab": b"new", "sub/dir/a.lab": os.urandom(5000), "empty.lab": b""}
+    batch = [
+        applier.write_whole(
+            ROOT_ID, path, memoryview(data), mtime_ns=MTIME_NS, digest=digest_of(data)
+        )
+        for path, data in files.items()
+    ]
+    assert [i.written for i in batch] == [len(d) for d in files.values()]
+
+    outcomes = applier.commit(batch)
+
+    assert [o.status for o in outcomes] == ["applied"] * 3
+    for path, data in files.items():
+        assert (site.root / path).read_bytes() == data
+        assert (site.root / path).stat().st_mtime_ns == MTIME_NS
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert temp_files(site.sandbox) == []
+
+
+def test_a_file_written_whole_without_preserve_timestamps_has_its_copy_time(site: Site) -> None:
+    applier = site.applier(preserve_timestamps=False)
+    before = time.time_ns()
+    data = memoryview(b"hello")
+    applier.commit(
+        [applier.write_whole(ROOT_ID, "a.lab", data, mtime_ns=MTIME_NS, digest=digest_of(b"hello"))]
+    )
+    assert (site.root / "a.lab").stat().st_mtime_ns >= before - 2_000_000_000
+
+
+def test_a_whole_file_with_a_wrong_digest_creates_nothing(site: Site) -> None:
+    applier = site.applier()
+    before = site.listing()
+    with pytest.raises(IntegrityError, match="content hash"):
+        applier.write_whole(
+            ROOT_ID, "sub/a.lab", memoryview(b"torn"), mtime_ns=MTIME_NS, digest=digest_of(b"whole")
+        )
+    assert site.listing() == before  # not even its folder
+
+
+def test_abort_all_removes_whole_files_not_yet_committed(site: Site) -> None:
+    applier = site.applier()
+    done = applier.write_whole(
+        ROOT_ID, "done.lab", memoryview(b"1"), mtime_ns=0, digest=digest_of(b"1")
+    )
+    applier.commit([done])
+    waiting = applier.write_whole(
+        ROOT_ID, "waiting.lab", memoryview(b"2"), mtime_ns=0, digest=digest_of(b"2")
+    )
+    assert waiting.pending
+    assert len(temp_files(site.root)) == 1
+
+    assert applier.abort_all() == 1
+
+    assert temp_files(site.root) == []
+    assert (site.root / "done.lab").read_bytes() == b"1"
+    assert not (site.root / "waiting.lab").exists()
+
+
 def test_commit_refuses_a_file_that_is_not_finished(site: Site) -> None:
     applier = site.applier()
     done = receive(applier, "done.lab", b"1")
@@ -333,6 +400,10 @@ def test_hostile_paths_are_refused_before_anything_is_created(site: Site, path: 
 
     with pytest.raises(UnsafePathError) as caught:
         applier.begin(ROOT_ID, path, size=1, mtime_ns=MTIME_NS, digest=digest_of(b"x"))
+    with pytest.raises(UnsafePathError):
+        applier.write_whole(
+            ROOT_ID, path, memoryview(b"x"), mtime_ns=MTIME_NS, digest=digest_of(b"x")
+        )
     with pytest.raises(UnsafePathError):
         applier.delete(ROOT_ID, path)
     with pytest.raises(UnsafePathError):

@@ -51,6 +51,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import xxhash
+
 from sbs_core.errors import LocalProtocolError, SbsError
 from sbs_core.state import write_atomically
 from sbs_core.sync import direct
@@ -63,11 +65,12 @@ from sbs_core.sync.paths import (
     check_wire_path,
     resolve_inside,
 )
-from sbs_core.sync.scan import new_hasher
+from sbs_core.sync.scan import digest_of, new_hasher
 
 __all__ = (
     "DEFAULT_MAX_DELETE_COUNT",
     "DEFAULT_MAX_DELETE_SHARE",
+    "WHOLE_FILE_MAX",
     "Applier",
     "FileIdentity",
     "Incoming",
@@ -92,6 +95,9 @@ _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 # O_NONBLOCK: a FIFO planted where a file was expected must not hang the open.
 _READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | _BINARY | getattr(os, "O_NONBLOCK", 0)
+#: Files smaller than this may be given to :meth:`Applier.write_whole`: larger
+#: ones go past the page cache (see :mod:`sbs_core.sync.direct`), streamed.
+WHOLE_FILE_MAX = direct.MIN_SIZE
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW | _BINARY
 
 
@@ -252,6 +258,7 @@ class Incoming:
         mtime_ns: int,
         digest: str,
         writer: direct.DirectWriter | None = None,
+        finished: os.stat_result | None = None,
     ) -> None:
         self.root_id = root_id
         self.path = path
@@ -267,16 +274,21 @@ class Incoming:
         self._fd = fd  # -1 once closed
         # Set when the temporary file was opened with O_DIRECT (see sbs_core.sync.direct).
         self._writer = writer
-        self._hasher = new_hasher()
-        self._written = 0
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
+        # The temporary file's own lstat once finished (its device, and its
+        # identity, which the rename keeps): no path lookup needed later.
+        self._finished_info: os.stat_result | None = finished
+        if finished is None:
+            self._hasher: xxhash.xxh3_128 | None = new_hasher()
+            self._written = 0
+        else:  # written whole and checked already (Applier.write_whole)
+            self._hasher = None
+            self._written = size
+            self._state = "finished"
         self._guarded = False
         self._replaces: FileIdentity | None = None
         #: What ``begin`` found at the target: its lstat, or None when nothing was there.
         self.found: os.stat_result | None = None
-        # The temporary file's own lstat once finished (its device, and its
-        # identity, which the rename keeps): no path lookup needed later.
-        self._finished_info: os.stat_result | None = None
 
     @property
     def digest(self) -> str:
@@ -336,16 +348,12 @@ class Incoming:
             if self._writer is not None:
                 self._writer.write(view)
             else:
-                rest = view
-                while rest:  # unbuffered: a short write only on a full disk or a signal
-                    took = os.write(self._fd, rest)
-                    if not took:
-                        raise OSError(errno.EIO, "the file took no bytes", str(self._temp))
-                    rest = rest[took:]
+                _write_out(self._fd, view, self._temp)
         except BaseException:
             self.abort()
             raise
-        self._hasher.update(view)
+        if self._hasher is not None:  # always, while open
+            self._hasher.update(view)
         self._written += view.nbytes
 
     def close(self) -> None:
@@ -384,13 +392,10 @@ class Incoming:
         if not self._digest:
             self.abort()
             raise LocalProtocolError(f"{self.path}: finish() before the content hash was known")
-        actual = self._hasher.hexdigest()
+        actual = self._hasher.hexdigest() if self._hasher is not None else ""
         if actual != self._digest:
             self.abort()
-            raise IntegrityError(
-                f"{self.path}: content hash {actual[:16]}... differs from the announced "
-                f"{self._digest[:16]}..."
-            )
+            raise _hash_mismatch(self.path, actual, self._digest)
         self._state = "finished"
 
     def abort(self) -> None:
@@ -428,6 +433,21 @@ class Incoming:
 
     def __repr__(self) -> str:
         return f"<Incoming {self.root_id}:{self.path} {self._state} {self._written}/{self.size}>"
+
+
+def _write_out(fd: int, data: memoryview, name: str) -> None:
+    """Write all of ``data``: unbuffered, a short write happens only on a full disk or a signal."""
+    while data:
+        took = os.write(fd, data)
+        if not took:
+            raise OSError(errno.EIO, "the file took no bytes", name)
+        data = data[took:]
+
+
+def _hash_mismatch(path: str, actual: str, announced: str) -> IntegrityError:
+    return IntegrityError(
+        f"{path}: content hash {actual[:16]}... differs from the announced {announced[:16]}..."
+    )
 
 
 def _discard_temp(fd: int, temp: str, writer: direct.DirectWriter | None) -> None:
@@ -537,16 +557,7 @@ class Applier:
         """
         if size < 0:
             raise ValueError(f"{path}: negative size {size}")
-        folder, prefix, target = self._locate(root_id, path)
-        created: tuple[Path, ...] = ()
-        if prefix not in self._made:
-            real_root = Path(os.path.realpath(self.roots[root_id]))
-            created = _make_root(real_root) + _make_folders_inside(real_root, folder, path)
-            with self._lock:
-                self._made.add(prefix)
-                self._new_folders.extend(created)
-                if created and created[-1] == folder:
-                    self._made_now.add(prefix)
+        folder, prefix, target = self._prepare(root_id, path)
         temp = prefix + _temp_name(path.rpartition("/")[2])
         fd, straight = self._create(temp, size)
         found = None
@@ -578,6 +589,71 @@ class Applier:
         with self._lock:
             self._live.add(incoming)
         return incoming
+
+    def write_whole(
+        self, root_id: str, path: str, data: memoryview, *, mtime_ns: int, digest: str
+    ) -> Incoming:
+        """:meth:`begin`, write, close and finish for a file whose bytes are all here.
+
+        The content hash is checked first: a mismatch raises
+        :class:`IntegrityError` and creates nothing. Returns the file finished,
+        for :meth:`commit`. For files below :data:`WHOLE_FILE_MAX` bytes (a
+        batch of small files held in memory): the per-file calls of the
+        streaming path cost more than writing such a file.
+        """
+        digest = digest.lower()
+        actual = digest_of(data)
+        if actual != digest:
+            raise _hash_mismatch(path, actual, digest)
+        folder, prefix, target = self._prepare(root_id, path)
+        temp = prefix + _temp_name(path.rpartition("/")[2])
+        fd = os.open(temp, _CREATE_FLAGS, 0o666)
+        try:
+            # In a folder made by this batch there is nothing to replace.
+            found = None if prefix in self._made_now else _copy_mode(fd, target)
+            _write_out(fd, data, temp)
+            if self.preserve_timestamps and _FD_TIMES:
+                # Set on the temporary file, so the target never shows the copy time.
+                os.utime(fd, ns=(time.time_ns(), mtime_ns))
+            info = os.fstat(fd)
+        except BaseException:
+            _discard_temp(fd, temp, None)
+            raise
+        try:
+            os.close(fd)  # a full disk may only show up here; closed even then
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        incoming = Incoming(
+            self,
+            root_id=root_id,
+            path=path,
+            folder=folder,
+            target=target,
+            temp=temp,
+            fd=-1,
+            size=len(data),
+            mtime_ns=mtime_ns,
+            digest=digest,
+            finished=info,
+        )
+        incoming.found = found
+        with self._lock:
+            self._live.add(incoming)
+        return incoming
+
+    def _prepare(self, root_id: str, path: str) -> tuple[Path, str, str]:
+        """:meth:`_locate`, with the target's folders made (once per batch)."""
+        folder, prefix, target = self._locate(root_id, path)
+        if prefix not in self._made:
+            real_root = Path(os.path.realpath(self.roots[root_id]))
+            created = _make_root(real_root) + _make_folders_inside(real_root, folder, path)
+            with self._lock:
+                self._made.add(prefix)
+                self._new_folders.extend(created)
+                if created and created[-1] == folder:
+                    self._made_now.add(prefix)
+        return folder, prefix, target
 
     def _create(self, temp: str, size: int) -> tuple[int, bool]:
         """Create a temporary file; True with it if its data goes past the page cache.

@@ -49,6 +49,7 @@ from sbs_core.messages import (
     SyncStart,
 )
 from sbs_core.sync.apply import (
+    WHOLE_FILE_MAX,
     Applier,
     FileIdentity,
     Incoming,
@@ -66,7 +67,7 @@ from sbs_core.sync.roots import (
     save_peer_roots,
     sender_roots,
 )
-from sbs_core.sync.scan import FileStat, hash_file, new_hasher, scan_root
+from sbs_core.sync.scan import FileStat, digest_of, hash_file, new_hasher, scan_root
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
 
@@ -91,6 +92,9 @@ PUT_FILE_OVERHEAD = 100
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
 READ_AHEAD = 4  # chunks of a large file read (in one worker-thread call) ahead of sending
 GATHER_BYTES = 4 << 20  # data frames written in one worker-thread call on the receiver
+# A Put of small files whose data is at most this many bytes is held in memory
+# until its Seal and written in one worker-thread call, each file whole.
+HOLD_BYTES = BATCH_BYTES
 # A peer that keeps opening sessions this node refuses gets one alert per interval.
 REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
@@ -1463,15 +1467,13 @@ def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> li
             data
         ) != before.st_size:
             continue  # being written: the next cycle sends it whole
-        hasher = new_hasher()
-        hasher.update(data)
         reads.append(
             _Read(
                 path=path,
                 size=len(data),
                 mtime_ns=before.st_mtime_ns,
                 ino=before.st_ino,
-                digest=hasher.hexdigest(),
+                digest=digest_of(data),
                 data=data,
             )
         )
@@ -1523,6 +1525,9 @@ class _Receiving:
         self.incoming: list[Incoming | None] = []
         self.current = 0  # index in files of the file being filled
         self.filled = 0  # bytes written into files[current]
+        # The data frames of a Put of small files, held until its Seal (see HOLD_BYTES).
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
         self.ready: list[tuple[PutFile, Incoming]] = []
         self.ready_bytes = 0
         self.applied = 0
@@ -1538,7 +1543,10 @@ class _Receiving:
         if isinstance(item, list):  # data frames, gathered by _gather_data
             size = sum(len(frame) for frame in item)
             self.session.queued_bytes -= size
-            await anyio.to_thread.run_sync(self._write_all, item)
+            if self.held is not None:
+                self._hold(item, size)
+            else:
+                await anyio.to_thread.run_sync(self._write_all, item)
             self.engine.status.bytes_received += size
             self.credit_owed += size
             if self.credit_owed >= WINDOW // 4:
@@ -1551,9 +1559,17 @@ class _Receiving:
                 self.files = list(files)
                 self.incoming = []
                 self.current = self.filled = 0
-                await anyio.to_thread.run_sync(self._open_all)
+                if sum(f.size for f in files) <= HOLD_BYTES and all(
+                    f.size < WHOLE_FILE_MAX for f in files
+                ):
+                    self.held, self.held_bytes = [], 0
+                else:
+                    await anyio.to_thread.run_sync(self._open_all)
             case Seal(digests=digests):
-                await anyio.to_thread.run_sync(self._seal, digests)
+                if self.held is not None:
+                    await anyio.to_thread.run_sync(self._write_held, digests)
+                else:
+                    await anyio.to_thread.run_sync(self._seal, digests)
                 if len(self.ready) >= COMMIT_FILES or self.ready_bytes >= COMMIT_BYTES:
                     await anyio.to_thread.run_sync(self._commit)
             case Delete(root=root, paths=paths):
@@ -1608,6 +1624,47 @@ class _Receiving:
                 pending.abort()
                 self.incoming[index] = None
                 self.retry.append((f.root, f.path, reason))
+
+    def _hold(self, frames: list[bytes], size: int) -> None:
+        assert self.held is not None
+        if self.held_bytes + size > sum(f.size for f in self.files):
+            raise RemoteProtocolError("sync: more data than the Put announced")
+        self.held.extend(frames)
+        self.held_bytes += size
+
+    def _write_held(self, digests: tuple[str, ...]) -> None:
+        """Write a held Put's files, each whole, checked before anything is created."""
+        held, self.held = self.held or [], None
+        files, self.files, self.incoming = self.files, [], []
+        self.current = self.filled = 0
+        if len(digests) != len(files) or self.held_bytes != sum(f.size for f in files):
+            raise RemoteProtocolError("sync: a Seal that does not match its Put")
+        data = memoryview(held[0] if len(held) == 1 else b"".join(held))
+        del held
+        write_whole = self.applier.write_whole
+        end = 0
+        for f, digest in zip(files, digests, strict=True):
+            start, end = end, end + f.size
+            if not digest:
+                continue  # torn on the sender: it comes again
+            if self.broken is not None:
+                self.retry.append((f.root, f.path, self.broken))
+                continue
+            try:
+                incoming = write_whole(
+                    f.root, f.path, data[start:end], mtime_ns=f.mtime_ns, digest=digest
+                )
+            except UnsafePathError as exc:
+                self.refused.append((f.root, f.path, str(exc)))
+                continue
+            except IntegrityError as exc:
+                self.retry.append((f.root, f.path, str(exc)))
+                continue
+            except OSError as exc:
+                self.retry.append((f.root, f.path, _reason_of(exc)))
+                continue
+            self.ready.append((f, incoming))
+            self.ready_bytes += f.size
 
     def _open_all(self) -> None:
         # Each file is begun when the one before it is complete, and closed

@@ -33,6 +33,7 @@ __all__ = (
     "FileDigest",
     "FileStat",
     "ScanResult",
+    "digest_of",
     "hash_file",
     "matches",
     "new_hasher",
@@ -255,6 +256,11 @@ def new_hasher() -> xxhash.xxh3_128:
     speed (about 17 GiB/s here, against 0.5 GiB/s for blake2b).
     """
     return xxhash.xxh3_128()
+
+
+def digest_of(data: bytes | memoryview) -> str:
+    """The digest of bytes held whole in memory: what a :func:`new_hasher` fed them gives."""
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> FileDigest | None:
