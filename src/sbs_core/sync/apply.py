@@ -181,6 +181,15 @@ def _find_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
 _RENAMEAT2 = _find_renameat2()
 
 
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+
+def _encoded(path: str | Path) -> bytes:
+    # os.fsencode, without its Python-level checks: two calls per file renamed.
+    return path.encode(_FS_ENCODING, _FS_ERRORS) if isinstance(path, str) else os.fsencode(path)
+
+
 class _NoAtomicSwap(Exception):
     """This system or filesystem cannot exchange two names atomically."""
 
@@ -190,7 +199,7 @@ def _rename2(source: str | Path, target: str | Path, flags: int) -> None:
     function = _RENAMEAT2
     if function is None:
         raise _NoAtomicSwap
-    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+    if function(_AT_FDCWD, _encoded(source), _AT_FDCWD, _encoded(target), flags) == 0:
         return
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -418,6 +427,11 @@ class Incoming:
         """The identity of the file as finished (and so as committed), if known."""
         info = self._finished_info
         return None if info is None else identity_of(info)
+
+    @property
+    def finished_info(self) -> os.stat_result | None:
+        """The temporary file's lstat once finished: a rename keeps its inode, size and times."""
+        return self._finished_info
 
     def _require(self, state: str) -> None:
         if self._state != state:

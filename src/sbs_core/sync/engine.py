@@ -1761,6 +1761,9 @@ class _Receiving:
         index = self.engine.index
         for f, incoming in batch:
             # What begin() found will do: a change made here since is caught by the guard.
+            if incoming.found is None:  # nothing there: nothing to keep (most of a first sync)
+                incoming.guard(None)
+                continue
             looked_at = self._keep_if_changed_here(
                 f.root, f.path, incoming.digest, found=incoming.found
             )
@@ -1770,11 +1773,12 @@ class _Receiving:
         for (f, incoming), outcome in zip(batch, outcomes, strict=True):
             if outcome.status == "applied":
                 # The rename keeps what finish() saw: inode, size and times.
-                ino_size_mtime = incoming.identity
-                if ino_size_mtime is None:
+                info = incoming.finished_info
+                if info is None:
                     continue
-                ino, size, mtime_ns = ino_size_mtime
-                rows.append((f.root, f.path, size, mtime_ns, ino, incoming.digest))
+                rows.append(
+                    (f.root, f.path, info.st_size, info.st_mtime_ns, info.st_ino, incoming.digest)
+                )
         if rows:
             index.put_many(rows)
             self.engine._set_bases([(r[0], r[1], r[5]) for r in rows], [])
@@ -1827,7 +1831,8 @@ class _Receiving:
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         for o in outcomes:
-            self._note_kept(o.path, o.kept)
+            if o.kept is not None:
+                self._note_kept(o.path, o.kept)
             if o.status == "applied":
                 self.applied += 1
             elif o.status == "retry":

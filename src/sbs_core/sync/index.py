@@ -104,7 +104,14 @@ class HashIndex:
             conn.executemany(
                 _UPSERT,
                 (
-                    (root_id, path, size, _int64(mtime_ns), _int64(ino), digest)
+                    (
+                        root_id,
+                        path,
+                        size,
+                        mtime_ns if _INT64_MIN <= mtime_ns <= _INT64_MAX else _int64(mtime_ns),
+                        ino if _INT64_MIN <= ino <= _INT64_MAX else _int64(ino),
+                        digest,
+                    )
                     for root_id, path, size, mtime_ns, ino, digest in rows
                 ),
             )
@@ -256,6 +263,10 @@ def _move_aside(path: Path) -> Path:
         if side.exists():
             side.replace(aside.with_name(aside.name + suffix))
     return aside
+
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
 
 
 def _int64(value: int) -> int:
