@@ -569,6 +569,60 @@ def test_a_failed_syncfs_applies_nothing_and_asks_for_a_retry(
     assert sorted(p.name for p in site.root.iterdir()) == []
 
 
+def test_a_batch_flushed_in_another_thread_commits_while_the_next_is_written(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver flushes one batch while it writes the next: the flush must
+    # not hold up the writing, and its answer is what commit then uses.
+    real_flush = apply._flush_files
+    flushing, release = threading.Event(), threading.Event()
+    flushed_paths: list[str] = []
+
+    def slow_flush(paths: list[str]) -> list[str | None]:
+        flushed_paths.extend(paths)
+        flushing.set()
+        assert release.wait(10)
+        return real_flush(paths)
+
+    monkeypatch.setattr(apply, "_flush_files", slow_flush)
+    applier = site.applier(durable=True)
+    first = [receive(applier, f"one/f{i}.lab", b"1%d" % i) for i in range(20)]
+    answer: list[list[str | None]] = []
+    worker = threading.Thread(target=lambda: answer.append(applier.flush(first)))
+    worker.start()
+    try:
+        assert flushing.wait(10)
+        second = [receive(applier, f"two/f{i}.lab", b"2%d" % i) for i in range(20)]
+        assert worker.is_alive()  # written while the flush was still going on
+    finally:
+        release.set()
+        worker.join(10)
+
+    assert answer == [[None] * 20]
+    assert sorted(flushed_paths) == sorted(i.temp_path.as_posix() for i in first)
+    assert [o.status for o in applier.commit(first, flushed=answer[0])] == ["applied"] * 20
+    assert [o.status for o in applier.commit(second)] == ["applied"] * 20
+    assert len(flushed_paths) == 40  # the first batch was not flushed twice
+    assert (site.root / "one" / "f3.lab").read_bytes() == b"13"
+    assert (site.root / "two" / "f3.lab").read_bytes() == b"23"
+    assert temp_files(site.sandbox) == []
+
+
+def test_a_file_whose_flush_failed_is_retried_and_the_rest_applies(site: Site) -> None:
+    applier = site.applier(durable=True)
+    batch = [receive(applier, f"f{i}.lab", b"x") for i in range(3)]
+
+    outcomes = applier.commit(batch, flushed=[None, "cannot flush the file: EIO", None])
+
+    assert [o.status for o in outcomes] == ["applied", "retry", "applied"]
+    assert outcomes[1].reason == "cannot flush the file: EIO"
+    assert sorted(p.name for p in site.root.iterdir()) == ["f0.lab", "f2.lab"]
+    assert temp_files(site.sandbox) == []
+    with pytest.raises(LocalProtocolError):  # answers for another batch
+        applier.commit([receive(applier, "g.lab", b"y")], flushed=[None, None])
+    assert not (site.root / "g.lab").exists()
+
+
 def test_a_folder_in_the_way_is_retried_and_the_rest_applies(site: Site) -> None:
     (site.root / "b.lab").mkdir(parents=True)
     (site.root / "b.lab" / "inside").write_bytes(b"keep me")

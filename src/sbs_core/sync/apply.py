@@ -11,7 +11,8 @@ only once its size and content hash match what the sender announced.
 visible: on Linux one ``syncfs`` per filesystem instead of one ``fsync`` per
 file (thousands of small files would otherwise cost thousands of disk
 flushes), then the renames, then one ``fsync`` per folder. Elsewhere each
-temporary file is fsynced, a few at a time in worker threads.
+temporary file is fsynced, a few at a time in worker threads. The flush
+(:meth:`Applier.flush`) may run apart, while the next batch is written.
 
 Every path from the peer goes through :func:`~.paths.check_wire_path` and
 :func:`~.paths.resolve_inside`: nothing outside the configured folders is ever
@@ -687,17 +688,16 @@ class Applier:
         _unlink_quietly(temp)
         return os.open(temp, _CREATE_FLAGS, 0o666), False
 
-    def commit(self, batch: Sequence[Incoming]) -> list[Outcome]:
-        """Make every finished file of ``batch`` durable, then visible; one Outcome each.
+    def flush(self, batch: Sequence[Incoming]) -> list[str | None]:
+        """Make the data of a finished ``batch`` durable: the first step of :meth:`commit`.
 
-        A file that cannot be renamed over its target (locked by an
-        application, a folder in the way) gets a ``retry`` Outcome and its
-        temporary file is removed; the rest of the batch still applies. Files
-        of one batch naming the same target apply in order, the last one wins.
+        Returns, for each file, why it could not be flushed (None: flushed),
+        for ``commit(batch, flushed=...)``. It may run in another thread while
+        more files are received (the disk writes while the next batch is
+        written); nothing else may use the batch's files meanwhile.
         """
         self._check_batch(batch)
-        made = self._forget_checks(take_made=True)
-        outcomes: list[Outcome | None] = [None] * len(batch)
+        reasons: list[str | None] = [None] * len(batch)
         by_device: dict[int, list[int]] = {}
         for i, incoming in enumerate(batch):
             try:
@@ -709,16 +709,38 @@ class Applier:
                         info = os.stat(incoming._temp)
                     incoming._finished_info = info
             except OSError as exc:
-                outcomes[i] = incoming._drop("retry", f"cannot prepare the file: {_why(exc)}")
+                reasons[i] = f"cannot prepare the file: {_why(exc)}"
                 continue
             by_device.setdefault(info.st_dev, []).append(i)
-
         if self.durable:
             for indexes in by_device.values():
                 failed = _flush_files([batch[i]._temp for i in indexes])
                 for i, reason in zip(indexes, failed, strict=True):
                     if reason is not None:
-                        outcomes[i] = batch[i]._drop("retry", f"cannot flush the file: {reason}")
+                        reasons[i] = f"cannot flush the file: {reason}"
+        return reasons
+
+    def commit(
+        self, batch: Sequence[Incoming], *, flushed: Sequence[str | None] | None = None
+    ) -> list[Outcome]:
+        """Make every finished file of ``batch`` durable, then visible; one Outcome each.
+
+        ``flushed``: what :meth:`flush` returned for this batch, if it ran
+        already. A file that cannot be renamed over its target (locked by an
+        application, a folder in the way) gets a ``retry`` Outcome and its
+        temporary file is removed; the rest of the batch still applies. Files
+        of one batch naming the same target apply in order, the last one wins.
+        """
+        if flushed is None:
+            flushed = self.flush(batch)
+        elif len(flushed) != len(batch):
+            raise LocalProtocolError("commit: flush results of another batch")
+        self._check_batch(batch)
+        made = self._forget_checks(take_made=True)
+        outcomes: list[Outcome | None] = [
+            None if reason is None else batch[i]._drop("retry", reason)
+            for i, reason in enumerate(flushed)
+        ]
 
         folders: dict[Path, list[int]] = {}
         repeated = {t for t, n in Counter(i._target for i in batch).items() if n > 1}

@@ -1209,8 +1209,8 @@ class SyncEngine:
         await anyio.to_thread.run_sync(applier.cleanup_temp_files)
         try:
             await self._send_inventory(session, roots)
-            receiver = _Receiving(self, session, applier)
-            async with session.queue_rx:
+            async with _task_group() as background, session.queue_rx:
+                receiver = _Receiving(self, session, applier, background)
                 async for item in _gather_data(session.queue_rx):
                     try:
                         await receiver.handle(item)
@@ -1514,13 +1514,32 @@ def deletes_count(plan: list[tuple[LocalRoot, list[str]]]) -> int:
     return sum(len(d) for _, d in plan)
 
 
+@dataclass(eq=False)
+class _Flushing:
+    """A batch whose data is being made durable while the next one is written."""
+
+    batch: list[tuple[PutFile, Incoming]]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    reasons: list[str | None] | None = None  # Applier.flush's answer, once done
+
+
 class _Receiving:
     """Applies one session's Put/data/Seal/Delete/CycleEnd stream, in order."""
 
-    def __init__(self, engine: SyncEngine, session: _ReceiverSession, applier: Applier) -> None:
+    def __init__(
+        self,
+        engine: SyncEngine,
+        session: _ReceiverSession,
+        applier: Applier,
+        background: TaskGroup,
+    ) -> None:
         self.engine = engine
         self.session = session
         self.applier = applier
+        # Where a durable batch's flush runs while the next batch is written:
+        # the disk's time for one overlaps the interpreter's for the other.
+        self.background = background
+        self.flushing: _Flushing | None = None
         self.files: list[PutFile] = []
         self.incoming: list[Incoming | None] = []
         self.current = 0  # index in files of the file being filled
@@ -1571,11 +1590,16 @@ class _Receiving:
                 else:
                     await anyio.to_thread.run_sync(self._seal, digests)
                 if len(self.ready) >= COMMIT_FILES or self.ready_bytes >= COMMIT_BYTES:
-                    await anyio.to_thread.run_sync(self._commit)
+                    await self._commit_flushed()  # the batch before, flushed meanwhile
+                    if self.applier.durable:
+                        self._start_flush()
+                    else:
+                        await anyio.to_thread.run_sync(self._commit)
             case Delete(root=root, paths=paths):
                 outcomes = await anyio.to_thread.run_sync(self._delete, root, paths)
                 self._count(outcomes)
             case CycleEnd(cycle=cycle):
+                await self._commit_flushed()
                 await anyio.to_thread.run_sync(self._commit)
                 await self._grant()
                 ack = CycleAck(
@@ -1601,6 +1625,29 @@ class _Receiving:
                 self.engine.status.last_sync_at = time.time()
             case _:
                 raise RemoteProtocolError(f"sync: unexpected {item.type} in a session")
+
+    def _start_flush(self) -> None:
+        flushing = _Flushing(self.ready)
+        self.ready, self.ready_bytes = [], 0
+        self.flushing = flushing
+        self.background.start_soon(self._flush, flushing)
+
+    async def _flush(self, flushing: _Flushing) -> None:
+        try:
+            incomings = [incoming for _, incoming in flushing.batch]
+            flushing.reasons = await anyio.to_thread.run_sync(self.applier.flush, incomings)
+        finally:
+            flushing.done.set()
+
+    async def _commit_flushed(self) -> None:
+        """Rename the batch flushed in the background (waiting for its flush), if any."""
+        flushing, self.flushing = self.flushing, None
+        if flushing is None:
+            return
+        await flushing.done.wait()
+        if flushing.reasons is None:
+            return  # the flush failed: its error ends the session (the task group's)
+        await anyio.to_thread.run_sync(self._commit_batch, flushing.batch, flushing.reasons)
 
     async def _grant(self) -> None:
         if self.credit_owed:
@@ -1754,10 +1801,20 @@ class _Receiving:
         self.current = self.filled = 0
 
     def _commit(self) -> None:
-        if not self.ready:
+        if self.ready:
+            batch, self.ready = self.ready, []
+            self.ready_bytes = 0
+            self._commit_batch(batch, None)
+
+    def _commit_batch(
+        self, batch: list[tuple[PutFile, Incoming]], flushed: list[str | None] | None
+    ) -> None:
+        if self.broken is not None:
+            # This node could not apply since the flush began: none of it, then.
+            for f, incoming in batch:
+                incoming.abort()
+                self.retry.append((f.root, f.path, self.broken))
             return
-        batch, self.ready = self.ready, []
-        self.ready_bytes = 0
         index = self.engine.index
         for f, incoming in batch:
             # What begin() found will do: a change made here since is caught by the guard.
@@ -1768,7 +1825,7 @@ class _Receiving:
                 f.root, f.path, incoming.digest, found=incoming.found
             )
             incoming.guard(looked_at)
-        outcomes = self.applier.commit([incoming for _, incoming in batch])
+        outcomes = self.applier.commit([incoming for _, incoming in batch], flushed=flushed)
         rows = []
         for (f, incoming), outcome in zip(batch, outcomes, strict=True):
             if outcome.status == "applied":
