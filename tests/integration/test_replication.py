@@ -453,6 +453,21 @@ def test_deletions_beyond_max_delete_wait_for_confirmation(tmp_path: Path) -> No
 # -- 6. a hostile peer
 
 
+def open_crafted_session(
+    b: NodeProcess, peer: RawPeer, folder: RootSpec, *, session: int
+) -> Inventory:
+    """``peer`` greets ``b``, ``b`` follows it, and ``peer`` opens a sync session: b's inventory."""
+    peer.hello()
+    b.wait_for(
+        "following the crafted peer",
+        lambda st: connected_secondary(st) and st["peer"]["name"] == "crafted",
+        timeout=5,
+    )
+    peer.send(SyncStart(session=session, roots=(folder,), preserve_timestamps=False, window=WINDOW))
+    inventory: Inventory = peer.take(Inventory, timeout=5)
+    return inventory
+
+
 def test_crafted_paths_from_a_peer_never_leave_the_folder(tmp_path: Path) -> None:
     root = tmp_path / "pair"
     with replica_pair(root, modes=("auto", "backup")) as pair:
@@ -497,16 +512,7 @@ def test_crafted_paths_from_a_peer_never_leave_the_folder(tmp_path: Path) -> Non
         files[3:3] = good.items()  # the good files in the middle of the hostile ones
 
         with RawPeer(pair, pair.b) as peer:
-            peer.hello()
-            pair.b.wait_for(
-                "following the crafted peer",
-                lambda st: connected_secondary(st) and st["peer"]["name"] == "crafted",
-                timeout=5,
-            )
-            peer.send(
-                SyncStart(session=7, roots=(folder,), preserve_timestamps=False, window=WINDOW)
-            )
-            inventory = peer.take(Inventory, timeout=5)
+            inventory = open_crafted_session(pair.b, peer, folder, session=7)
             assert inventory.last
             assert inventory.entries == ()
             peer.send(
@@ -599,16 +605,7 @@ def test_a_crafted_batch_with_a_torn_file_or_extra_bytes_writes_nothing_torn(
             )
 
         with RawPeer(pair, pair.b) as peer:
-            peer.hello()
-            pair.b.wait_for(
-                "following the crafted peer",
-                lambda st: connected_secondary(st) and st["peer"]["name"] == "crafted",
-                timeout=5,
-            )
-            peer.send(
-                SyncStart(session=7, roots=(folder,), preserve_timestamps=False, window=WINDOW)
-            )
-            assert peer.take(Inventory, timeout=5).last
+            assert open_crafted_session(pair.b, peer, folder, session=7).last
             peer.send(put(7, meant))
             peer.send_data(b"".join(sent.values()))
             peer.send(

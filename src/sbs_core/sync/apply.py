@@ -600,10 +600,7 @@ class Applier:
             digest=digest,
             writer=writer,
         )
-        incoming.found = found
-        with self._lock:
-            self._live.add(incoming)
-        return incoming
+        return self._track(incoming, found)
 
     def write_whole(
         self, root_id: str, path: str, data: memoryview, *, mtime_ns: int, digest: str
@@ -652,6 +649,10 @@ class Applier:
             digest=digest,
             finished=info,
         )
+        return self._track(incoming, found)
+
+    def _track(self, incoming: Incoming, found: os.stat_result | None) -> Incoming:
+        """Note what was at the target, and keep ``incoming`` for :meth:`abort_all`."""
         incoming.found = found
         with self._lock:
             self._live.add(incoming)
