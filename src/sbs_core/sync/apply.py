@@ -424,12 +424,6 @@ class Incoming:
             self.abort()
 
     @property
-    def identity(self) -> FileIdentity | None:
-        """The identity of the file as finished (and so as committed), if known."""
-        info = self._finished_info
-        return None if info is None else identity_of(info)
-
-    @property
     def finished_info(self) -> os.stat_result | None:
         """The temporary file's lstat once finished: a rename keeps its inode, size and times."""
         return self._finished_info
@@ -733,10 +727,11 @@ class Applier:
         of one batch naming the same target apply in order, the last one wins.
         """
         if flushed is None:
-            flushed = self.flush(batch)
-        elif len(flushed) != len(batch):
-            raise LocalProtocolError("commit: flush results of another batch")
-        self._check_batch(batch)
+            flushed = self.flush(batch)  # which checks the batch first
+        else:
+            if len(flushed) != len(batch):
+                raise LocalProtocolError("commit: flush results of another batch")
+            self._check_batch(batch)
         made = self._forget_checks(take_made=True)
         outcomes: list[Outcome | None] = [
             None if reason is None else batch[i]._drop("retry", reason)

@@ -1547,6 +1547,7 @@ class _Receiving:
         # The data frames of a Put of small files, held until its Seal (see HOLD_BYTES).
         self.held: list[bytes] | None = None
         self.held_bytes = 0
+        self.held_total = 0  # what the Put announced
         self.ready: list[tuple[PutFile, Incoming]] = []
         self.ready_bytes = 0
         self.applied = 0
@@ -1578,10 +1579,9 @@ class _Receiving:
                 self.files = list(files)
                 self.incoming = []
                 self.current = self.filled = 0
-                if sum(f.size for f in files) <= HOLD_BYTES and all(
-                    f.size < WHOLE_FILE_MAX for f in files
-                ):
-                    self.held, self.held_bytes = [], 0
+                total = sum(f.size for f in files)
+                if total <= HOLD_BYTES and all(f.size < WHOLE_FILE_MAX for f in files):
+                    self.held, self.held_bytes, self.held_total = [], 0, total
                 else:
                     await anyio.to_thread.run_sync(self._open_all)
             case Seal(digests=digests):
@@ -1674,7 +1674,7 @@ class _Receiving:
 
     def _hold(self, frames: list[bytes], size: int) -> None:
         assert self.held is not None
-        if self.held_bytes + size > sum(f.size for f in self.files):
+        if self.held_bytes + size > self.held_total:
             raise RemoteProtocolError("sync: more data than the Put announced")
         self.held.extend(frames)
         self.held_bytes += size
@@ -1684,7 +1684,7 @@ class _Receiving:
         held, self.held = self.held or [], None
         files, self.files, self.incoming = self.files, [], []
         self.current = self.filled = 0
-        if len(digests) != len(files) or self.held_bytes != sum(f.size for f in files):
+        if len(digests) != len(files) or self.held_bytes != self.held_total:
             raise RemoteProtocolError("sync: a Seal that does not match its Put")
         data = memoryview(held[0] if len(held) == 1 else b"".join(held))
         del held
