@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +85,24 @@ def test_every_batch_respects_every_bound(lengths: list[int], size: int) -> None
             assert len(batch) <= engine.BATCH_FILES
             assert names <= engine.BATCH_NAMES
             assert data <= engine.BATCH_BYTES
+
+
+# --- the receiver's side: a held batch cut into its files
+
+
+@settings(max_examples=300)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3000), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=120_000), max_size=10),
+)
+def test_held_frames_are_cut_into_each_files_exact_bytes(sizes: list[int], cuts: list[int]) -> None:
+    # Frames as the wire splits the batch's data: anywhere, empty ones included.
+    data = bytes(i % 251 for i in range(sum(sizes)))
+    edges = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    frames = [data[a:b] for a, b in itertools.pairwise(edges)]
+    frames[len(frames) // 2 : len(frames) // 2] = [b""]
+
+    pieces = [bytes(p) for p in engine._cut(frames, sizes)]
+
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert pieces == [data[a : a + n] for a, n in zip(starts, sizes, strict=True)]

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -1686,21 +1686,16 @@ class _Receiving:
         self.current = self.filled = 0
         if len(digests) != len(files) or self.held_bytes != self.held_total:
             raise RemoteProtocolError("sync: a Seal that does not match its Put")
-        data = memoryview(held[0] if len(held) == 1 else b"".join(held))
-        del held
         write_whole = self.applier.write_whole
-        end = 0
-        for f, digest in zip(files, digests, strict=True):
-            start, end = end, end + f.size
+        pieces = _cut(held, (f.size for f in files))
+        for f, digest, piece in zip(files, digests, pieces, strict=True):
             if not digest:
                 continue  # torn on the sender: it comes again
             if self.broken is not None:
                 self.retry.append((f.root, f.path, self.broken))
                 continue
             try:
-                incoming = write_whole(
-                    f.root, f.path, data[start:end], mtime_ns=f.mtime_ns, digest=digest
-                )
+                incoming = write_whole(f.root, f.path, piece, mtime_ns=f.mtime_ns, digest=digest)
             except UnsafePathError as exc:
                 self.refused.append((f.root, f.path, str(exc)))
                 continue
@@ -1896,6 +1891,29 @@ class _Receiving:
                 self.retry.append((o.root_id, o.path, o.reason))
             else:
                 self.refused.append((o.root_id, o.path, o.reason))
+
+
+def _cut(frames: Iterable[bytes], sizes: Iterable[int]) -> Iterator[memoryview]:
+    """Each size's bytes from ``frames`` (which hold exactly their sum), in order.
+
+    A file within one frame is a view into it; only one that spans frames is
+    copied, so a held batch is never joined whole (that copy doubled its memory).
+    """
+    rest = iter(frames)
+    view = memoryview(b"")
+    for size in sizes:
+        if len(view) >= size:
+            yield view[:size]
+            view = view[size:]
+            continue
+        parts, need = [view], size - len(view)
+        while need:
+            view = memoryview(next(rest))
+            taken = min(need, len(view))
+            parts.append(view[:taken])
+            need -= taken
+            view = view[taken:]
+        yield memoryview(b"".join(parts))
 
 
 def _reason_of(exc: Exception) -> str:
