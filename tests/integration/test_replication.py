@@ -264,6 +264,34 @@ def test_cycles_trust_the_watcher_and_rescan_only_at_the_rescan_interval(tmp_pat
         report("the next full scan, after the one of the start", rescanned)
 
 
+def test_a_folder_made_on_the_primary_gets_its_watch_without_a_scan(tmp_path: Path) -> None:
+    # On Linux each folder is watched on its own (sbs_core.sync.watch): a new
+    # one is added to the watch as it appears, with no full scan. A long
+    # period and rescan interval: only a file event can bring the file.
+    with replica_pair(tmp_path / "pair", node={"period": 60.0, "rescan_interval": 600.0}) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        write(src / "first.txt", b"first\n")
+        start_pair(pair)
+        wait_same_tree(src, dst, timeout=15)
+        time.sleep(0.5)  # the scan of the watcher's start is over
+        scanned = status_of(pair.a)["last_scan_at"]
+
+        (src / "made" / "below").mkdir(parents=True)
+        time.sleep(0.5)  # the folders' own event has come and gone: nothing to send
+        write(src / "made" / "below" / "later.txt", b"written into a folder made after the start\n")
+        took = wait_until(
+            "later.txt on b",
+            lambda: has_bytes(
+                dst / "made" / "below" / "later.txt",
+                b"written into a folder made after the start\n",
+            ),
+            timeout=5,
+        )
+        report("a file in a folder made after the start, on b", took)
+        assert took < EVENT_BOUND
+        assert status_of(pair.a)["last_scan_at"] == scanned  # events only, no scan
+
+
 def test_a_cycle_reading_most_files_stops_watching_and_then_misses_no_change(
     tmp_path: Path,
 ) -> None:

@@ -16,6 +16,7 @@ All file I/O and hashing run in worker threads; the event loop only moves bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -68,6 +69,7 @@ from sbs_core.sync.roots import (
     sender_roots,
 )
 from sbs_core.sync.scan import FileStat, digest_of, hash_file, new_hasher, scan_root
+from sbs_core.sync.watch import FolderWatch
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
 
@@ -428,10 +430,6 @@ class SyncEngine:
                 self._watch_run.set()
 
     async def _watch_roots(self) -> None:
-        try:
-            from watchfiles import awatch  # noqa: PLC0415 - optional at import time for tools
-        except ImportError:  # pragma: no cover - a dependency
-            return
         while not self._watch_ended:
             # One event per watcher: set to stop, or to watch again (a root moved).
             run = self._watch_run = anyio.Event()
@@ -445,20 +443,19 @@ class SyncEngine:
                 continue
             try:
                 self._watched = await anyio.to_thread.run_sync(_identities, roots)
-                self._watching = True
-                # What changed while nothing watched is known only to a scan.
-                self._trigger.full = True
-                self._wake.set()
-                async for changes in awatch(
-                    *(r.path for r in roots),
-                    step=WATCH_STEP_MS,
-                    rust_timeout=WATCH_RETURN_MS,
-                    stop_event=run,
-                    recursive=True,
-                    ignore_permission_denied=True,
-                    watch_filter=None,
-                ):
-                    self._note_changes(roots, [path for _, path in changes])
+
+                def changed(paths: list[str], roots: list[LocalRoot] = roots) -> None:
+                    anyio.from_thread.run_sync(self._note_changes, roots, paths)
+
+                watch = FolderWatch(
+                    [r.path for r in roots],
+                    on_ready=functools.partial(anyio.from_thread.run_sync, self._watch_started),
+                    on_changes=changed,
+                    step_ms=WATCH_STEP_MS,
+                    return_ms=WATCH_RETURN_MS,
+                )
+                # In a worker thread, which sees ``run`` set within WATCH_STEP_MS.
+                await anyio.to_thread.run_sync(watch.run, run)
             except (OSError, RuntimeError) as exc:
                 self._watching = False
                 logger.warning("file watching failed (%s); full scans only until it recovers", exc)
@@ -466,6 +463,12 @@ class SyncEngine:
                     await run.wait()
             finally:
                 self._watching = False
+
+    def _watch_started(self) -> None:
+        self._watching = True
+        # What changed while nothing watched is known only to a scan.
+        self._trigger.full = True
+        self._wake.set()
 
     def _pause_watching(self) -> None:
         """Stop the watcher while a full cycle reads most of the tree (event loop only).
@@ -487,20 +490,24 @@ class SyncEngine:
             self._watch_run.set()
             logger.info("file watching resumed; a full scan looks for changes made meanwhile")
 
-    def _watch_holds(self) -> bool:
-        """Whether the watcher still watches every root where it is (blocks: a stat per root).
+    async def _watch_holds(self) -> bool:
+        """Whether the watcher still watches every root where it is.
 
         A root that was moved away, replaced or unmounted raises no event in a
         watcher that follows the old folder: watch again, and scan.
         """
         if not self._watching:
             return False
-        roots = [r for r in self.roots() if r.path.is_dir()]
-        if _identities(roots) == self._watched:
+        if await anyio.to_thread.run_sync(self._same_roots_watched):
             return True
         self._watching = False
-        self._watch_run.set()
+        self._watch_run.set()  # in the event loop's thread: anyio's events are not thread-safe
         return False
+
+    def _same_roots_watched(self) -> bool:
+        """Whether each root is still the folder the watcher was given (blocks: a stat per root)."""
+        roots = [r for r in self.roots() if r.path.is_dir()]
+        return _identities(roots) == self._watched
 
     def _note_changes(self, roots: Sequence[LocalRoot], paths: Sequence[str]) -> None:
         for raw in paths:
@@ -566,7 +573,7 @@ class SyncEngine:
                     # deletions are looked at again by every scan, so while there
                     # are some, every cycle scans.
                     quiet = now < next_scan and not any(self._held.values())
-                    if quiet and await anyio.to_thread.run_sync(self._watch_holds):
+                    if quiet and await self._watch_holds():
                         self._trigger.periodic = True
                     else:
                         self._trigger.full = True

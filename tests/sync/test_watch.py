@@ -1,0 +1,168 @@
+"""What the primary's file watcher is given, and when it asks to be started again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sbs_core.sync import watch
+from sbs_core.sync.watch import PER_FOLDER, FolderWatch, watch_targets
+
+linux_only = pytest.mark.skipif(not PER_FOLDER, reason="folders are watched one by one on Linux")
+
+
+def make_tree(root: Path) -> None:
+    for rel in ("a/one.txt", "a/b/two.txt", "a/b/c/three.txt", "d/four.txt", "top.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    (root / "empty").mkdir()
+
+
+def test_per_folder_lists_every_folder_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_tree(root)
+    outside = tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+
+    targets = watch_targets([root], per_folder=True)
+
+    assert not targets.recursive
+    found = sorted(p.relative_to(root).as_posix() for p in targets.paths)
+    # Files are not watched on their own, and a link is not followed (the scan does not either).
+    assert found == [".", "a", "a/b", "a/b/c", "d", "empty"]
+
+
+def test_trees_are_given_whole_where_the_watcher_needs_no_visit(tmp_path: Path) -> None:
+    roots = [tmp_path / "x", tmp_path / "y"]
+    for root in roots:
+        make_tree(root)
+    targets = watch_targets(roots, per_folder=False)
+    assert targets.recursive
+    assert targets.paths == roots
+
+
+def test_a_folder_that_cannot_be_listed_is_still_given(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_tree(root)
+    gone = tmp_path / "gone"
+    targets = watch_targets([root, gone], per_folder=True)
+    assert gone in targets.paths  # the watcher skips it, the scan reports it
+    assert root / "a" / "b" in targets.paths
+
+
+class Watching:
+    """FolderWatch.run in a thread of its own, as the engine runs it."""
+
+    def __init__(self, roots: list[Path], *, per_folder: bool = PER_FOLDER) -> None:
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.seen: list[str] = []
+        self.error: BaseException | None = None
+        self.watch = FolderWatch(
+            roots,
+            on_ready=self.ready.set,
+            on_changes=self.seen.extend,
+            step_ms=20,
+            return_ms=200,
+            per_folder=per_folder,
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(5), "the watch did not start"
+
+    def _run(self) -> None:
+        try:
+            self.watch.run(self.stop)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def wait_seen(self, path: Path, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while str(path) not in self.seen:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.finish()
+                pytest.fail(f"no event for {path}; seen {self.seen}")
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the watch did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    make_tree(root)
+    return root
+
+
+@linux_only
+def test_a_new_folder_is_watched_before_its_event_is_handed_over(tree: Path) -> None:
+    watching = Watching([tree])
+    try:
+        (tree / "a" / "b" / "f.txt").write_text("a file changes: the same watch goes on")
+        watching.wait_seen(tree / "a" / "b" / "f.txt")
+        assert watching.watch.restarts == 0
+
+        (tree / "a" / "new" / "inner").mkdir(parents=True)
+        watching.wait_seen(tree / "a" / "new")
+        assert watching.watch.restarts >= 1
+        # Folders below the new one, made at once, are watched too.
+        (tree / "a" / "new" / "inner" / "later.txt").write_text("later")
+        watching.wait_seen(tree / "a" / "new" / "inner" / "later.txt")
+    finally:
+        watching.finish()
+
+
+@linux_only
+def test_a_folder_made_while_the_watch_is_built_is_watched_too(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed = watch.watch_targets
+    calls = []
+
+    def listing_then_a_new_folder(roots: list[Path], *, per_folder: bool) -> watch.WatchTargets:
+        found = listed(roots, per_folder=per_folder)
+        calls.append(found)
+        if len(calls) == 1:
+            (tree / "racing").mkdir()  # after the listing, before the watcher exists
+        return found
+
+    monkeypatch.setattr(watch, "watch_targets", listing_then_a_new_folder)
+    watching = Watching([tree])
+    try:
+        assert len(calls) == 3  # listed, built; listed again (one more), built; stable
+        (tree / "racing" / "f.txt").write_text("in the folder made meanwhile")
+        watching.wait_seen(tree / "racing" / "f.txt")
+    finally:
+        watching.finish()
+
+
+def test_stop_ends_the_watch_within_a_few_steps(tree: Path) -> None:
+    watching = Watching([tree])
+    (tree / "d" / "four.txt").write_text("changed")
+    watching.wait_seen(tree / "d" / "four.txt")
+    started = time.monotonic()
+    watching.finish()
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_recursive_watch_sees_changes_deep_down(tree: Path) -> None:
+    watching = Watching([tree], per_folder=False)
+    try:
+        (tree / "a" / "b" / "c" / "deep.txt").write_text("deep")
+        watching.wait_seen(tree / "a" / "b" / "c" / "deep.txt")
+        (tree / "fresh" / "inner").mkdir(parents=True)
+        time.sleep(0.2)  # notify adds the new folders' watches itself
+        (tree / "fresh" / "inner" / "x.txt").write_text("x")
+        watching.wait_seen(tree / "fresh" / "inner" / "x.txt")
+        assert watching.watch.restarts == 0
+    finally:
+        watching.finish()
