@@ -59,7 +59,12 @@ from scenarios import settled, start_pair
 MARGIN = 1.0
 VOLUME_KIB = 64 << 10
 ANALYSIS_HEADING = "### What the violations are"
-NAMES = tuple(f"d{i % 4}/f{i:02d}.txt" for i in range(40))
+# Most files share four folders; a few have a folder each, which the workload
+# removes with the file, so folders keep appearing on the primary (each one a
+# new watch for its file watcher, see sbs_core.sync.watch).
+NAMES = tuple(f"d{i % 4}/f{i:02d}.txt" for i in range(40)) + tuple(
+    f"own{i}/f.txt" for i in range(6)
+)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -196,6 +201,9 @@ class Workload:
         base = None if old is None else digest(old)
         if old is not None and self.rng.random() < 0.25:
             path.unlink(missing_ok=True)
+            if rel.startswith("own"):
+                with contextlib.suppress(OSError):  # not empty: a conflict copy, say
+                    path.parent.rmdir()
             self.deletes += 1
             self.checker.record(Op(time.time(), host.name, rel, "delete", None, base))
             return
