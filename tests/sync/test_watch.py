@@ -166,3 +166,25 @@ def test_a_recursive_watch_sees_changes_deep_down(tree: Path) -> None:
         assert watching.watch.restarts == 0
     finally:
         watching.finish()
+
+
+@linux_only
+def test_folders_that_never_hold_still_end_the_start_with_an_error(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed = watch.watch_targets
+    made: list[Path] = []
+
+    def listing_then_another_folder(roots: list[Path], *, per_folder: bool) -> watch.WatchTargets:
+        found = listed(roots, per_folder=per_folder)
+        made.append(tree / f"new{len(made)}")
+        made[-1].mkdir()
+        return found
+
+    monkeypatch.setattr(watch, "watch_targets", listing_then_another_folder)
+    fw = FolderWatch(
+        [tree], on_ready=lambda: None, on_changes=lambda _: None, step_ms=20, return_ms=200
+    )
+    with pytest.raises(RuntimeError, match="kept changing"):
+        fw.run(threading.Event())  # the engine logs it and tries again a period later
+    assert len(made) == 1 + watch.START_ATTEMPTS  # a bounded number of tries

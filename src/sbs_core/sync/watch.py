@@ -38,6 +38,8 @@ PER_FOLDER = sys.platform.startswith("linux")
 # The longest a burst of changes is grouped before it is handed over (watchfiles' default).
 DEBOUNCE_MS = 1600
 _ADDED = 1  # watchfiles.Change.added
+# Watchers built in a row while folders appear or vanish, before the caller retries later.
+START_ATTEMPTS = 5
 
 
 class _Stop(Protocol):
@@ -140,15 +142,21 @@ class FolderWatch:
         from watchfiles._rust_notify import RustNotify  # noqa: PLC0415 - see the module doc
 
         targets = watch_targets(self.roots, per_folder=self.per_folder)
-        while True:
-            notify = RustNotify(
-                [str(p) for p in targets.paths],
-                False,  # debug
-                False,  # force_polling
-                0,  # poll_delay_ms
-                targets.recursive,
-                True,  # ignore_permission_denied: and a folder gone meanwhile
-            )
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                notify = RustNotify(
+                    [str(p) for p in targets.paths],
+                    False,  # debug
+                    False,  # force_polling
+                    0,  # poll_delay_ms
+                    targets.recursive,
+                    True,  # ignore_permission_denied (recent versions skip a vanished folder too)
+                )
+            except FileNotFoundError:
+                if targets.recursive or attempt == START_ATTEMPTS:
+                    raise
+                targets = watch_targets(self.roots, per_folder=True)  # one went away: list again
+                continue
             if targets.recursive:
                 return notify
             # A folder made while the watcher was built has no watch and raised
@@ -158,6 +166,7 @@ class FolderWatch:
                 return notify
             notify.close()
             targets = again
+        raise RuntimeError(f"the folders kept changing while {START_ATTEMPTS} watchers were built")
 
     def _replace(self, old: RustNotify, stop: _Stop, changes: list[str]) -> RustNotify:
         """A watcher that covers new folders too, started before ``old`` is closed.
