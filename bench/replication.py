@@ -71,6 +71,10 @@ INCREMENTAL_RUNS = 5
 # Long enough to hold one safety-net full scan (node.rescan_interval, 300 s by
 # default) and ten cycles (node.period, 30 s): the average includes them.
 IDLE_SECONDS = 310.0
+# The disk probe (Context.probe_disk): as many files as in the "small" set's
+# half, one block each.
+PROBE_FILES = 10_000
+PROBE_SIZE = 4096
 # Lets a's start-up work (sentinel processes, file watches) finish before b's
 # start is timed: the figure is a secondary joining a running primary.
 PRIMARY_SETTLE = 1.0
@@ -404,6 +408,7 @@ class SetResult:
     ratios: dict[str, Series] = field(default_factory=lambda: {v: Series() for v in VARIANTS})
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    probes: list[float] = field(default_factory=list)  # probe_disk before and after the runs
 
     def series(self, variant: str, key: str) -> Series:
         values = [getattr(r, key) for r in self.sbs[variant]]
@@ -641,6 +646,30 @@ class Context:
         if path.exists():
             os.rename(path, graveyard / f"{len(list(graveyard.iterdir()))}-{path.name}")
 
+    def probe_disk(self) -> float:
+        """Seconds to create PROBE_FILES small files: how fast the disk is right now.
+
+        This machine's disk varies by several times from one hour to the next
+        (and after mass deletions); the figure printed with each set tells a
+        slow run from a slow disk. The files are put aside like a run's copy.
+        """
+        folder = self.work / f"probe-{time.monotonic_ns()}"
+        data = b"p" * PROBE_SIZE
+        began = time.perf_counter()
+        for n in range(PROBE_FILES):
+            sub = folder / f"d{n // 100:03}"
+            if n % 100 == 0:
+                sub.mkdir(parents=True)
+            fd = os.open(sub / f"f{n:05}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        took = time.perf_counter() - began
+        self.discard(folder)
+        self.settle()
+        return took
+
     def keep_logs(self, pair: Pair, tag: str) -> None:
         if self.logs is None:
             return
@@ -713,6 +742,8 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     daemon = RsyncDaemon(folder)
     try:
         ctx.settle()
+        res.probes.append(ctx.probe_disk())
+        say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
         for index in range(ctx.runs):
             if time.monotonic() > ctx.deadline:
                 res.failures.append(f"runs {index + 1}-{ctx.runs} not run: time budget spent")
@@ -720,6 +751,8 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
                 break
             for variant in VARIANTS:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
+        res.probes.append(ctx.probe_disk())
+        say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
         if ds.name == "small" and time.monotonic() <= ctx.deadline:
             steady = measure_steady(ctx, ds, data)
     finally:
@@ -843,6 +876,12 @@ def idle_cpu(run: PairRun, out: Steady, say: Callable[[str], None]) -> None:
 
 
 def add_set_notes(res: SetResult) -> None:
+    if res.probes:
+        shown = " and ".join(f"{p:.2f} s" for p in res.probes)
+        res.notes.append(
+            f"{res.ds.name}: the disk probe ({PROBE_FILES:,} files of {PROBE_SIZE // 1024} KiB "
+            f"created in one process, no sync) took {shown} before and after the runs."
+        )
     for variant in VARIANTS:
         runs = res.sbs[variant]
         cycles = [r.first_cycle for r in runs if r.first_cycle is not None]
