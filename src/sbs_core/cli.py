@@ -254,6 +254,9 @@ def format_status(st: dict[str, Any]) -> str:
             f"{_megabytes(st.get('bytes_sent'))} sent, "
             f"{_megabytes(st.get('bytes_received'))} received"
         )
+    watch = _watch_line(st)
+    if watch:
+        lines.append(f"watch      {watch}")
     if st.get("held_deletes"):
         lines.append(
             f"held       {st['held_deletes']} deletions wait for 'sbs sync confirm-deletes'"
@@ -269,6 +272,19 @@ def format_status(st: dict[str, Any]) -> str:
         )
     lines += _alert_lines(st)
     return "\n".join(lines)
+
+
+def _watch_line(st: dict[str, Any]) -> str:
+    """The primary's file watcher, when it has one to speak of."""
+    state = st.get("watch_state")
+    if state == "watching":
+        count = st.get("watched_folders", 0)
+        return f"file events from {count} folder{'' if count == 1 else 's'}"
+    if state == "paused":
+        return "paused while a large cycle reads the files"
+    if state == "failed":
+        return f"FAILED ({st.get('watch_error')}): a full scan every period until it recovers"
+    return ""
 
 
 def _alert_lines(st: dict[str, Any]) -> list[str]:

@@ -58,6 +58,7 @@ from sbs_core.messages import (
 )
 from sbs_core.sync.engine import WATCH_PAUSE_FILES, WINDOW
 from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.watch import PER_FOLDER
 
 pytestmark = [
     pytest.mark.integration,
@@ -289,7 +290,12 @@ def test_a_folder_made_on_the_primary_gets_its_watch_without_a_scan(tmp_path: Pa
         )
         report("a file in a folder made after the start, on b", took)
         assert took < EVENT_BOUND
-        assert status_of(pair.a)["last_scan_at"] == scanned  # events only, no scan
+        st = status_of(pair.a)
+        assert st["last_scan_at"] == scanned  # events only, no scan
+        assert st["watch_state"] == "watching"
+        # The root, made and made/below, each watched on its own (Linux), or the one tree.
+        assert st["watched_folders"] == (3 if PER_FOLDER else 1)
+        assert status_of(pair.b)["watch_state"] == "off"  # a secondary watches nothing
 
 
 def test_a_cycle_reading_most_files_stops_watching_and_then_misses_no_change(

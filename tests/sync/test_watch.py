@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sbs_core.cli import format_status
 from sbs_core.sync import watch
 from sbs_core.sync.watch import PER_FOLDER, FolderWatch, watch_targets
 
@@ -188,3 +189,40 @@ def test_folders_that_never_hold_still_end_the_start_with_an_error(
     with pytest.raises(RuntimeError, match="kept changing"):
         fw.run(threading.Event())  # the engine logs it and tries again a period later
     assert len(made) == 1 + watch.START_ATTEMPTS  # a bounded number of tries
+
+
+def screen_with(**watch: object) -> list[str]:
+    status: dict[str, object] = {
+        "role": "primary",
+        "mode": "auto",
+        "epoch": 1,
+        "name": "a",
+        "local_address": "127.0.0.1",
+        "remote_address": "127.0.0.2",
+        "port": 4445,
+        "peer": None,
+        **watch,
+    }
+    return format_status(status).splitlines()
+
+
+def test_the_status_screen_tells_how_changes_are_found() -> None:
+    assert "watch      file events from 201 folders" in screen_with(
+        watch_state="watching", watched_folders=201, watch_error=None
+    )
+    assert "watch      paused while a large cycle reads the files" in screen_with(
+        watch_state="paused", watched_folders=0, watch_error=None
+    )
+    failed = screen_with(
+        watch_state="failed", watched_folders=0, watch_error="inotify watch limit reached"
+    )
+    assert (
+        "watch      FAILED (inotify watch limit reached): a full scan every period until it "
+        "recovers" in failed
+    )
+    # A secondary, or a node without a peer, has no watcher to speak of.
+    assert not [
+        line
+        for line in screen_with(watch_state="off", watched_folders=0, watch_error=None)
+        if line.startswith("watch")
+    ]

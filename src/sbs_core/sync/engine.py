@@ -269,6 +269,8 @@ class SyncEngine:
         self._watch_run = anyio.Event()
         self._watch_ended = False
         self._watch_paused = False  # stopped while a full cycle reads (see _pause_watching)
+        self._folder_watch: FolderWatch | None = None  # the last one started
+        self._watch_error: str | None = None  # why the last start failed, until one works
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
         self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
@@ -394,7 +396,24 @@ class SyncEngine:
             receiver.scope.cancel()
 
     def snapshot(self) -> dict[str, Any]:
-        return self.status.as_dict()
+        return {**self.status.as_dict(), **self._watch_status()}
+
+    def _watch_status(self) -> dict[str, Any]:
+        """The file watcher's keys of ``sbs status --json``."""
+        if self._watching:
+            state = "watching"
+        elif self._watch_paused:
+            state = "paused"
+        elif self._watch_error is not None and self._sender is not None:
+            state = "failed"
+        else:
+            state = "off"  # no secondary to send to, or starting
+        watch = self._folder_watch
+        return {
+            "watch_state": state,
+            "watched_folders": watch.watched if watch is not None and state == "watching" else 0,
+            "watch_error": self._watch_error if state == "failed" else None,
+        }
 
     def confirm_deletes(self) -> int:
         """Let the deletions held back by ``node.max_delete`` through at the next cycle."""
@@ -447,7 +466,7 @@ class SyncEngine:
                 def changed(paths: list[str], roots: list[LocalRoot] = roots) -> None:
                     anyio.from_thread.run_sync(self._note_changes, roots, paths)
 
-                watch = FolderWatch(
+                watch = self._folder_watch = FolderWatch(
                     [r.path for r in roots],
                     on_ready=functools.partial(anyio.from_thread.run_sync, self._watch_started),
                     on_changes=changed,
@@ -458,6 +477,7 @@ class SyncEngine:
                 await anyio.to_thread.run_sync(watch.run, run)
             except (OSError, RuntimeError) as exc:
                 self._watching = False
+                self._watch_error = str(exc) or type(exc).__name__
                 logger.warning("file watching failed (%s); full scans only until it recovers", exc)
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
@@ -466,6 +486,7 @@ class SyncEngine:
 
     def _watch_started(self) -> None:
         self._watching = True
+        self._watch_error = None
         # What changed while nothing watched is known only to a scan.
         self._trigger.full = True
         self._wake.set()

@@ -116,6 +116,7 @@ class FolderWatch:
         self.return_ms = return_ms
         self.per_folder = per_folder
         self.restarts = 0  # watches built again for new folders
+        self.watched = 0  # paths the running watch was given (folders, or trees)
 
     def run(self, stop: _Stop) -> None:
         """Watch until ``stop`` is set; raises OSError or RuntimeError if watching is impossible."""
@@ -157,6 +158,7 @@ class FolderWatch:
                     raise
                 targets = watch_targets(self.roots, per_folder=True)  # one went away: list again
                 continue
+            self.watched = len(targets.paths)
             if targets.recursive:
                 return notify
             # A folder made while the watcher was built has no watch and raised
