@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -296,6 +297,61 @@ def test_a_folder_made_on_the_primary_gets_its_watch_without_a_scan(tmp_path: Pa
         # The root, made and made/below, each watched on its own (Linux), or the one tree.
         assert st["watched_folders"] == (3 if PER_FOLDER else 1)
         assert status_of(pair.b)["watch_state"] == "off"  # a secondary watches nothing
+
+
+def _user_namespaces() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "true"],
+            check=False,
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(
+    not (PER_FOLDER and _user_namespaces()),
+    reason="needs Linux user namespaces: the limit is lowered for node a alone",
+)
+def test_a_primary_over_the_limit_on_watches_says_so_and_scans_instead(tmp_path: Path) -> None:
+    # Node a runs in a user namespace of its own whose inotify limit is 20
+    # watches, under the 31 folders it replicates: its watcher cannot start.
+    # It says so (status, log, one alert) and scans every period instead.
+    period = 1.0
+    with replica_pair(tmp_path / "pair", node={"period": period, "rescan_interval": 600.0}) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        for n in range(30):
+            write(src / f"d{n:02}" / "f.txt", f"file {n}\n".encode())
+        pair.a.prefix = [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            'echo 20 > /proc/sys/user/max_inotify_watches && exec "$0" "$@"',
+        ]
+        start_pair(pair)
+        wait_same_tree(src, dst, timeout=15)
+        pair.a.wait_for(
+            "the watcher's failure", lambda s: s["watch_state"] == "failed", timeout=10
+        )
+        st = status_of(pair.a)
+        assert "limit on file watches is too low for 31 folders" in st["watch_error"]
+
+        write(src / "d07" / "later.txt", b"found by a scan\n")
+        took = wait_until(
+            "later.txt on b",
+            lambda: has_bytes(dst / "d07" / "later.txt", b"found by a scan\n"),
+            timeout=5 * period,
+        )
+        report("a change without a watcher, on b", took)
+        time.sleep(2 * period)  # the watcher is tried again each period
+        log = log_text(pair.a)
+        assert log.count("replication_failed: file watching failed") == 1  # one alert
+        assert status_of(pair.a)["last_scan_at"] > st["last_scan_at"]
 
 
 def test_a_cycle_reading_most_files_stops_watching_and_then_misses_no_change(

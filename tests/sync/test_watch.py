@@ -46,12 +46,13 @@ def test_trees_are_given_whole_where_the_watcher_needs_no_visit(tmp_path: Path) 
     assert targets.paths == roots
 
 
-def test_a_folder_that_cannot_be_listed_is_still_given(tmp_path: Path) -> None:
+def test_a_folder_that_cannot_be_listed_is_not_given(tmp_path: Path) -> None:
     root = tmp_path / "root"
     make_tree(root)
     gone = tmp_path / "gone"
     targets = watch_targets([root, gone], per_folder=True)
-    assert gone in targets.paths  # the watcher skips it, the scan reports it
+    # The watcher could not read it either; the scan reports it as an error.
+    assert gone not in targets.paths
     assert root / "a" / "b" in targets.paths
 
 
@@ -226,3 +227,21 @@ def test_the_status_screen_tells_how_changes_are_found() -> None:
         for line in screen_with(watch_state="off", watched_folders=0, watch_error=None)
         if line.startswith("watch")
     ]
+
+
+def test_the_limit_on_watches_is_an_error_that_says_so(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # watchfiles words it for developers; the operator gets what to change.
+    import watchfiles._rust_notify  # noqa: PLC0415 - patched for this test only
+
+    def over_the_limit(*args: object) -> None:
+        raise OSError('OS file watch limit reached. about ["/x"] (Error { kind: MaxFilesWatch })')
+
+    monkeypatch.setattr(watchfiles._rust_notify, "RustNotify", over_the_limit)
+    fw = FolderWatch(
+        [tree], on_ready=lambda: None, on_changes=lambda _: None, step_ms=20, return_ms=200
+    )
+    with pytest.raises(OSError, match="limit on file watches is too low for 6 ") as raised:
+        fw.run(threading.Event())
+    assert "MaxFilesWatch" not in str(raised.value)

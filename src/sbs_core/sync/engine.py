@@ -477,8 +477,16 @@ class SyncEngine:
                 await anyio.to_thread.run_sync(watch.run, run)
             except (OSError, RuntimeError) as exc:
                 self._watching = False
-                self._watch_error = str(exc) or type(exc).__name__
-                logger.warning("file watching failed (%s); full scans only until it recovers", exc)
+                why = str(exc) or type(exc).__name__
+                if why != self._watch_error:  # once per distinct failure, not every retry
+                    logger.warning("file watching failed (%s); full scans until it recovers", why)
+                    self._alert(
+                        "replication_failed",
+                        f"file watching failed: {why}; every cycle scans every folder until it "
+                        "recovers",
+                        "warning",
+                    )
+                self._watch_error = why
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
             finally:
@@ -486,6 +494,8 @@ class SyncEngine:
 
     def _watch_started(self) -> None:
         self._watching = True
+        if self._watch_error is not None:
+            logger.info("file watching works again")
         self._watch_error = None
         # What changed while nothing watched is known only to a scan.
         self._trigger.full = True

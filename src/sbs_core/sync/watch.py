@@ -70,8 +70,9 @@ def watch_targets(roots: Sequence[Path], *, per_folder: bool = PER_FOLDER) -> Wa
     """What to watch for ``roots`` (blocks: lists every folder when ``per_folder``).
 
     Symbolic links (and what they lead to) are not watched, as the scan does
-    not follow them. A folder that cannot be listed is watched, not what is
-    below it; one that is gone is left to the watcher, which skips it.
+    not follow them. A folder that cannot be listed is not watched either (nor
+    what is below it): the watcher could not read it, and every scan reports
+    it as an error.
     """
     if not per_folder:
         return WatchTargets(list(roots), recursive=True)
@@ -79,14 +80,14 @@ def watch_targets(roots: Sequence[Path], *, per_folder: bool = PER_FOLDER) -> Wa
     pending = [str(root) for root in roots]
     while pending:
         folder = pending.pop()
-        folders.append(Path(folder))
         try:
             with os.scandir(folder) as entries:
                 pending.extend(
                     entry.path for entry in entries if entry.is_dir(follow_symlinks=False)
                 )
         except OSError:
-            continue  # gone or unreadable: the scan reports it
+            continue  # gone or unreadable: not watched, and the scan reports it
+        folders.append(Path(folder))
     return WatchTargets(folders, recursive=False)
 
 
@@ -151,13 +152,24 @@ class FolderWatch:
                     False,  # force_polling
                     0,  # poll_delay_ms
                     targets.recursive,
-                    True,  # ignore_permission_denied (recent versions skip a vanished folder too)
+                    # Not ignored: watchfiles would then also ignore, silently,
+                    # the limit on watches (fs.inotify.max_user_watches).
+                    False,  # ignore_permission_denied
                 )
-            except FileNotFoundError:
+            except (FileNotFoundError, PermissionError):
                 if targets.recursive or attempt == START_ATTEMPTS:
                     raise
-                targets = watch_targets(self.roots, per_folder=True)  # one went away: list again
+                # A folder went away or was closed since the listing: list again.
+                targets = watch_targets(self.roots, per_folder=True)
                 continue
+            except OSError as exc:
+                if "watch limit" not in str(exc):
+                    raise
+                raise OSError(
+                    f"the system's limit on file watches is too low for {len(targets.paths)} "
+                    f"{'trees' if targets.recursive else 'folders'}"
+                    + (" (fs.inotify.max_user_watches)" if PER_FOLDER else ""),
+                ) from exc
             self.watched = len(targets.paths)
             if targets.recursive:
                 return notify
