@@ -144,6 +144,10 @@ class SyncStatus:
     conflicts: list[str] = field(default_factory=list)
     held_deletes: int = 0
     last_scan_at: float | None = None  # the last complete scan of every folder
+    # How the primary finds changes (see SyncEngine._watch_status).
+    watch_state: Literal["watching", "paused", "failed", "off"] = "off"
+    watched_folders: int = 0
+    watch_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The replication keys of ``sbs status --json`` (a stopped node shows the defaults)."""
@@ -158,6 +162,9 @@ class SyncStatus:
             "conflicts": list(self.conflicts[-20:]),
             "held_deletes": self.held_deletes,
             "last_scan_at": self.last_scan_at,
+            "watch_state": self.watch_state,
+            "watched_folders": self.watched_folders,
+            "watch_error": self.watch_error,
         }
 
 
@@ -396,24 +403,24 @@ class SyncEngine:
             receiver.scope.cancel()
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.status.as_dict(), **self._watch_status()}
+        self._watch_status()
+        return self.status.as_dict()
 
-    def _watch_status(self) -> dict[str, Any]:
-        """The file watcher's keys of ``sbs status --json``."""
+    def _watch_status(self) -> None:
+        """Bring the file watcher's keys of the status up to date."""
+        status = self.status
         if self._watching:
-            state = "watching"
+            status.watch_state = "watching"
         elif self._watch_paused:
-            state = "paused"
+            status.watch_state = "paused"
         elif self._watch_error is not None and self._sender is not None:
-            state = "failed"
+            status.watch_state = "failed"
         else:
-            state = "off"  # no secondary to send to, or starting
+            status.watch_state = "off"  # no secondary to send to, or starting
         watch = self._folder_watch
-        return {
-            "watch_state": state,
-            "watched_folders": watch.watched if watch is not None and state == "watching" else 0,
-            "watch_error": self._watch_error if state == "failed" else None,
-        }
+        on = watch is not None and status.watch_state == "watching"
+        status.watched_folders = watch.watched if on and watch is not None else 0
+        status.watch_error = self._watch_error if status.watch_state == "failed" else None
 
     def confirm_deletes(self) -> int:
         """Let the deletions held back by ``node.max_delete`` through at the next cycle."""
