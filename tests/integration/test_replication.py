@@ -336,7 +336,9 @@ def test_a_primary_over_the_limit_on_watches_says_so_and_scans_instead(tmp_path:
         start_pair(pair)
         wait_same_tree(src, dst, timeout=15)
         pair.a.wait_for(
-            "the watcher's failure", lambda s: s["watch_state"] == "failed", timeout=10
+            "the watcher's failure, and a scan",
+            lambda s: s["watch_state"] == "failed" and s["last_scan_at"] is not None,
+            timeout=10,
         )
         st = status_of(pair.a)
         assert "limit on file watches is too low for 31 folders" in st["watch_error"]

@@ -115,6 +115,9 @@ WATCH_PAUSE_FILES = 1000
 # The watcher's thread returns this often even when nothing changes (each return
 # is a trip through the event loop); a stop is seen within WATCH_STEP_MS anyway.
 WATCH_RETURN_MS = 10_000
+# The longest a session's first scan waits for the watcher to start (it takes
+# 0.02-0.1 s for 20,000 files, 0.5 s for 200,000; listing the folders is most of it).
+WATCH_SETTLE_WAIT = 2.0
 
 
 class LinkClosed(SbsError, ConnectionError):
@@ -277,6 +280,10 @@ class SyncEngine:
         self._watch_ended = False
         self._watch_paused = False  # stopped while a full cycle reads (see _pause_watching)
         self._folder_watch: FolderWatch | None = None  # the last one started
+        # Set once the watcher's start is over (it watches, or it failed), so that
+        # a session's first full scan comes after it and no second one is needed.
+        self._watch_settled = anyio.Event()
+        self._watch_settled.set()
         self._watch_error: str | None = None  # why the last start failed, until one works
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
@@ -464,6 +471,7 @@ class SyncEngine:
             watched = self._sender is not None and not self._watch_paused
             roots = [r for r in self.roots() if r.path.is_dir()] if watched else []
             if not roots:
+                self._watch_settled.set()  # nothing to start
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
                 continue
@@ -482,7 +490,7 @@ class SyncEngine:
                 )
                 # In a worker thread, which sees ``run`` set within WATCH_STEP_MS.
                 await anyio.to_thread.run_sync(watch.run, run)
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, ImportError) as exc:  # ImportError: a broken install
                 self._watching = False
                 why = str(exc) or type(exc).__name__
                 if why != self._watch_error:  # once per distinct failure, not every retry
@@ -494,6 +502,7 @@ class SyncEngine:
                         "warning",
                     )
                 self._watch_error = why
+                self._watch_settled.set()
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
             finally:
@@ -501,6 +510,7 @@ class SyncEngine:
 
     def _watch_started(self) -> None:
         self._watching = True
+        self._watch_settled.set()
         if self._watch_error is not None:
             logger.info("file watching works again")
         self._watch_error = None
@@ -564,6 +574,7 @@ class SyncEngine:
     # ------------------------------------------------------------------ sender
 
     async def _run_sender(self, session: _SenderSession) -> None:
+        self._watch_settled = anyio.Event()
         self._watch_run.set()  # the watcher starts (see _watch_roots)
         try:
             with session.scope:
@@ -595,6 +606,10 @@ class SyncEngine:
                 known[path] = (size, digest)
             if inventory.last:
                 break
+        # The first scan starts once the watcher runs: what changes after it
+        # listed a folder then raises an event, and no second scan is needed.
+        with anyio.move_on_after(WATCH_SETTLE_WAIT):
+            await self._watch_settled.wait()
         self._trigger.full = True
         cycle = 0
         node = self.config.node
