@@ -239,6 +239,11 @@ class _SenderSession:
             await self.credit_event.wait()
         self.credit -= size
 
+    def close(self) -> None:
+        """Once the session is over (it no longer gets messages: it is not the sender)."""
+        self.inbox_tx.close()
+        self.inbox_rx.close()
+
 
 # ---------------------------------------------------------------------------- receiver
 
@@ -255,6 +260,11 @@ class _ReceiverSession:
         self.queued_bytes = 0
         self.scope = anyio.CancelScope()
         self.ended = anyio.Event()
+
+    def close(self) -> None:
+        """Once the session is over (it no longer gets messages: it is not the receiver)."""
+        self.queue_tx.close()
+        self.queue_rx.close()
 
 
 class SyncEngine:
@@ -587,6 +597,7 @@ class SyncEngine:
             if self._sender is session:
                 self._sender = None
                 self._watch_run.set()  # and stops
+            session.close()
 
     async def _sender_loop(self, session: _SenderSession) -> None:
         roots = self.roots()
@@ -1229,6 +1240,7 @@ class SyncEngine:
             session.ended.set()
             if self._receiver is session:
                 self._receiver = None
+            session.close()
 
     def _alert_failure(self, detail: str) -> None:
         # A failing cycle is retried every second: one alert (and log line) a
