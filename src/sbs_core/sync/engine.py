@@ -435,8 +435,8 @@ class SyncEngine:
         else:
             status.watch_state = "off"  # no secondary to send to, or starting
         watch = self._folder_watch
-        on = watch is not None and status.watch_state == "watching"
-        status.watched_folders = watch.watched if on and watch is not None else 0
+        watching = status.watch_state == "watching"
+        status.watched_folders = watch.watched if watching and watch is not None else 0
         status.watch_error = self._watch_error if status.watch_state == "failed" else None
 
     def confirm_deletes(self) -> int:
@@ -617,10 +617,12 @@ class SyncEngine:
                 known[path] = (size, digest)
             if inventory.last:
                 break
-        # The first scan starts once the watcher runs: what changes after it
-        # listed a folder then raises an event, and no second scan is needed.
-        with anyio.move_on_after(WATCH_SETTLE_WAIT):
-            await self._watch_settled.wait()
+        if not session.final_only:
+            # The first scan starts once the watcher runs: what changes after it
+            # listed a folder then raises an event, and no second scan is needed.
+            # (A session for one final cycle has no use for the watcher: no wait.)
+            with anyio.move_on_after(WATCH_SETTLE_WAIT):
+                await self._watch_settled.wait()
         self._trigger.full = True
         cycle = 0
         node = self.config.node
