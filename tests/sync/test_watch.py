@@ -123,26 +123,40 @@ def test_a_new_folder_is_watched_before_its_event_is_handed_over(tree: Path) -> 
         watching.finish()
 
 
+class RacingFolders:
+    """A new folder made just after each of the first ``count`` listings (all: None).
+
+    That is a folder made while a watcher is being built: the listing did not
+    see it, and no watch of its parent raised an event for it yet.
+    """
+
+    def __init__(self, tree: Path, monkeypatch: pytest.MonkeyPatch, count: int | None) -> None:
+        self.tree = tree
+        self.count = count
+        self.listings = 0
+        self.made: list[Path] = []
+        self._listed = watch.watch_targets
+        monkeypatch.setattr(watch, "watch_targets", self._listing)
+
+    def _listing(self, roots: list[Path], *, per_folder: bool) -> watch.WatchTargets:
+        found = self._listed(roots, per_folder=per_folder)
+        self.listings += 1
+        if self.count is None or self.listings <= self.count:
+            self.made.append(self.tree / f"racing{len(self.made)}")
+            self.made[-1].mkdir()
+        return found
+
+
 @linux_only
 def test_a_folder_made_while_the_watch_is_built_is_watched_too(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listed = watch.watch_targets
-    calls = []
-
-    def listing_then_a_new_folder(roots: list[Path], *, per_folder: bool) -> watch.WatchTargets:
-        found = listed(roots, per_folder=per_folder)
-        calls.append(found)
-        if len(calls) == 1:
-            (tree / "racing").mkdir()  # after the listing, before the watcher exists
-        return found
-
-    monkeypatch.setattr(watch, "watch_targets", listing_then_a_new_folder)
+    racing = RacingFolders(tree, monkeypatch, count=1)
     watching = Watching([tree])
     try:
-        assert len(calls) == 3  # listed, built; listed again (one more), built; stable
-        (tree / "racing" / "f.txt").write_text("in the folder made meanwhile")
-        watching.wait_seen(tree / "racing" / "f.txt")
+        assert racing.listings == 3  # listed, built; listed again (one more), built; stable
+        (racing.made[0] / "f.txt").write_text("in the folder made meanwhile")
+        watching.wait_seen(racing.made[0] / "f.txt")
     finally:
         watching.finish()
 
@@ -174,22 +188,13 @@ def test_a_recursive_watch_sees_changes_deep_down(tree: Path) -> None:
 def test_folders_that_never_hold_still_end_the_start_with_an_error(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listed = watch.watch_targets
-    made: list[Path] = []
-
-    def listing_then_another_folder(roots: list[Path], *, per_folder: bool) -> watch.WatchTargets:
-        found = listed(roots, per_folder=per_folder)
-        made.append(tree / f"new{len(made)}")
-        made[-1].mkdir()
-        return found
-
-    monkeypatch.setattr(watch, "watch_targets", listing_then_another_folder)
+    racing = RacingFolders(tree, monkeypatch, count=None)
     fw = FolderWatch(
         [tree], on_ready=lambda: None, on_changes=lambda _: None, step_ms=20, return_ms=200
     )
     with pytest.raises(RuntimeError, match="kept changing"):
         fw.run(threading.Event())  # the engine logs it and tries again a period later
-    assert len(made) == 1 + watch.START_ATTEMPTS  # a bounded number of tries
+    assert racing.listings == 1 + watch.START_ATTEMPTS  # a bounded number of tries
 
 
 def screen_with(**watch: object) -> list[str]:
