@@ -35,7 +35,7 @@ from typing import Any
 from content import is_unfinished_write, version_of
 from netlab import Host, NetLab, alerts_of
 
-from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX
 
 Status = dict[str, Any]
 
@@ -89,7 +89,8 @@ class Violation:
 def read_tree(folder: Path) -> dict[str, bytes]:
     """relative path -> bytes of every file below ``folder`` but sbs's temporary files."""
     found: dict[str, bytes] = {}
-    for current, _dirs, names in os.walk(folder):
+    for current, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(STAGING_PREFIX)]  # a new folder, filling
         for name in names:
             if name.startswith(TEMP_PREFIX):
                 continue
@@ -106,7 +107,7 @@ def temp_files(folder: Path) -> list[str]:
         str(Path(current, name).relative_to(folder))
         for current, _dirs, names in os.walk(folder)
         for name in names
-        if name.startswith(TEMP_PREFIX)
+        if name.startswith(TEMP_PREFIX) or STAGING_PREFIX in current
     )
 
 

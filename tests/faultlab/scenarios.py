@@ -43,7 +43,7 @@ from netlab import (
     simultaneous_start,
 )
 
-from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX
 
 Status = dict[str, Any]
 Run = dict[str, Any]
@@ -136,7 +136,8 @@ def start_pair(lab: NetLab) -> None:
 def tree(host: Host) -> dict[str, bytes]:
     """The replicated folder of ``host``: relative path -> bytes (sbs's temporary files aside)."""
     found: dict[str, bytes] = {}
-    for folder, _dirs, names in os.walk(host.folder):
+    for folder, dirs, names in os.walk(host.folder):
+        dirs[:] = [d for d in dirs if not d.startswith(STAGING_PREFIX)]  # a new folder, filling
         for name in names:
             if name.startswith(TEMP_PREFIX):
                 continue
@@ -151,9 +152,9 @@ def tree(host: Host) -> dict[str, bytes]:
 def temp_files(host: Host) -> list[str]:
     return sorted(
         name
-        for _f, _d, names in os.walk(host.folder)
+        for folder, _d, names in os.walk(host.folder)
         for name in names
-        if name.startswith(TEMP_PREFIX)
+        if name.startswith(TEMP_PREFIX) or STAGING_PREFIX in folder
     )
 
 

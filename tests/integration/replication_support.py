@@ -27,7 +27,7 @@ from sbs_core.messages import (
     decode_message,
     encode_message,
 )
-from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX
 from sbs_core.wire import (
     NONCE_SIZE,
     Authenticated,
@@ -154,7 +154,7 @@ def listing(root: Path) -> dict[str, int]:
     if not root.is_dir():
         return found
     for path in files_under(root):
-        if path.name.startswith(TEMP_PREFIX):
+        if in_progress(path):
             continue
         try:
             found[path.relative_to(root).as_posix()] = path.stat().st_size
@@ -174,7 +174,14 @@ def mtimes(root: Path) -> dict[str, int]:
 def temp_files(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in files_under(root) if p.name.startswith(TEMP_PREFIX))
+    return sorted(p for p in files_under(root) if in_progress(p))
+
+
+def in_progress(path: Path) -> bool:
+    """sbs's own file, not yet applied: a temporary one, or one in a new folder's hidden one."""
+    return path.name.startswith(TEMP_PREFIX) or any(
+        part.startswith(STAGING_PREFIX) for part in path.parts
+    )
 
 
 def same_bytes(src: Path, dst: Path) -> bool:

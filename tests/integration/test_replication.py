@@ -58,7 +58,7 @@ from sbs_core.messages import (
     SyncStart,
 )
 from sbs_core.sync.engine import WATCH_PAUSE_FILES, WINDOW
-from sbs_core.sync.paths import TEMP_PREFIX
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX
 from sbs_core.sync.watch import PER_FOLDER
 
 pytestmark = [
@@ -777,13 +777,15 @@ def test_a_node_killed_mid_transfer_leaves_no_partial_file(tmp_path: Path) -> No
         note("temporary files on b after the sender's kill", len(temp_files(dst)))
 
         # a comes back (mode primary), takes the role back and sends the file
-        # again; this time the receiver dies, and its temporary file stays behind.
+        # again; this time the receiver dies, and its file stays behind in the
+        # hidden folder that stands for "big" until the file is whole.
         pair.a.start()
         pair.a.wait_for("primary again", connected_primary, timeout=15)
         note("bytes on b when b was killed", kill_mid_transfer(pair.b, pair.b, size))
         assert no_partial()
         left = temp_files(dst)
-        assert [p.parent for p in left] == [target.parent], left
+        assert [(p.parent.parent, p.name) for p in left] == [(dst, target.name)], left
+        assert all(p.parent.name.startswith(STAGING_PREFIX) for p in left), left
         assert all(p.stat().st_size < size for p in left)
 
         # b's next session clears the leftover before anything else, then gets the file.
@@ -797,7 +799,7 @@ def test_a_node_killed_mid_transfer_leaves_no_partial_file(tmp_path: Path) -> No
         report("restart of b -> the whole file on b", took)
         assert xxhash.xxh3_128(target.read_bytes()).digest() == xxhash.xxh3_128(big).digest()
         assert temp_files(dst) == []
-        assert not any(p.exists() for p in left)
+        assert not any(p.parent.exists() for p in left)
         assert sorted(listing(dst)) == ["big/huge.bin", "small.txt"]
 
 

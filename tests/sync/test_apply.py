@@ -28,7 +28,7 @@ from sbs_core.sync.apply import (
     Outcome,
     deletion_allowed,
 )
-from sbs_core.sync.paths import TEMP_PREFIX, UnsafePathError
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError
 from sbs_core.sync.scan import new_hasher
 
 MTIME_NS = 1_600_000_000_123_456_789
@@ -93,7 +93,13 @@ def receive(
 
 
 def temp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+    """sbs's files in progress: temporary ones, and any file in a new folder's hidden one."""
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.name.startswith(TEMP_PREFIX)
+        or (p.is_file() and any(part.startswith(STAGING_PREFIX) for part in p.parts))
+    ]
 
 
 def symlink_or_skip(link: Path, target: Path) -> None:
@@ -450,6 +456,8 @@ def test_a_symlinked_folder_pointing_outside_is_never_written_through(site: Site
 def test_a_folder_swapped_for_a_link_after_begin_is_refused_at_commit(site: Site) -> None:
     outside = site.sandbox / "outside"
     outside.mkdir()
+    for folder in ("sub", "other"):  # there before: the files are written in them
+        (site.root / folder).mkdir(parents=True)
     applier = site.applier()
     inside = receive(applier, "sub/x.lab", b"x")
     away = receive(applier, "other/y.lab", b"y")

@@ -14,6 +14,16 @@ flushes), then the renames, then one ``fsync`` per folder. Elsewhere each
 temporary file is fsynced, a few at a time in worker threads. The flush
 (:meth:`Applier.flush`) may run apart, while the next batch is written.
 
+A file whose folder does not exist yet (most of a first sync) needs no rename
+of its own: the first such file makes the topmost missing folder under a hidden
+name (:data:`~.paths.STAGING_PREFIX` + random + its name), every file for that
+folder or below is written there under its own name, and the commit renames the
+hidden folder into place, once, after the flush: a new folder of a hundred
+files costs one rename instead of a hundred. If anything appeared at the
+folder's name meanwhile, or some of its files belong to a later batch, the
+files are renamed one by one out of the hidden folder instead, as any other
+file.
+
 Every path from the peer goes through :func:`~.paths.check_wire_path` and
 :func:`~.paths.resolve_inside`: nothing outside the configured folders is ever
 written or deleted, and no symbolic link is followed on the way.
@@ -59,6 +69,7 @@ from sbs_core.state import write_atomically
 from sbs_core.sync import direct
 from sbs_core.sync.paths import (
     MAX_COMPONENT_BYTES,
+    STAGING_PREFIX,
     TEMP_PREFIX,
     UnsafePathError,
     _is_link,
@@ -222,6 +233,21 @@ class _ConflictPlace:
         return self.folder / self.inner
 
 
+class _Staging:
+    """A folder missing on this node, filled under a hidden name beside it (see the module)."""
+
+    __slots__ = ("folder", "hidden", "moved", "top")
+
+    def __init__(self, folder: Path, hidden: Path) -> None:
+        self.top = folder  # the missing folder
+        self.folder = str(folder)
+        self.hidden = str(hidden)  # where its files are written until the commit
+        self.moved = False  # renamed into place: its files are at their targets
+
+    def __repr__(self) -> str:
+        return f"<_Staging {self.folder} {'moved' if self.moved else self.hidden}>"
+
+
 class Incoming:
     """One file being received, written to a temporary file beside its target.
 
@@ -235,12 +261,14 @@ class Incoming:
     __slots__ = (
         "__weakref__",
         "_applier",
+        "_at_name",
         "_digest",
         "_fd",
         "_finished_info",
         "_guarded",
         "_hasher",
         "_replaces",
+        "_staging",
         "_state",
         "_target",
         "_temp",
@@ -299,6 +327,10 @@ class Incoming:
         self._replaces: FileIdentity | None = None
         #: What ``begin`` found at the target: its lstat, or None when nothing was there.
         self.found: os.stat_result | None = None
+        # Written in the hidden folder of a missing folder (see _Staging); with
+        # _at_name, under its own name there: moving the folder in applies it.
+        self._staging: _Staging | None = None
+        self._at_name = False
 
     @property
     def digest(self) -> str:
@@ -511,8 +543,11 @@ class Applier:
         # Keyed by the wire path's folder as text: wire paths are canonical (no
         # empty, "." or ".." component), and hashing a PurePath costs more.
         self._checked: dict[tuple[str, str], tuple[Path, str]] = {}  # folder, as text + sep
-        self._made: set[str] = set()  # folders as text
-        self._made_now: set[str] = set()  # made by this Applier since the last commit
+        # Where the files of a target folder (as text + sep) are written since
+        # the last commit: the folder itself, or its place in a hidden one.
+        self._placed: dict[str, tuple[str, _Staging | None]] = {}
+        self._stagings: dict[str, _Staging] = {}  # by missing folder, until moved or given up
+        self._hidden: dict[str, _Staging] = {}  # by hidden folder, while it exists
         self._new_folders: list[Path] = []  # made since the last commit
         self._direct = direct.O_DIRECT != 0  # False once a filesystem refused it
         self._buffers = direct.BufferPool()
@@ -548,8 +583,7 @@ class Applier:
         """Start afresh (see ``_checked``); with ``take_made``, the folders made meanwhile."""
         with self._lock:
             self._checked = {}
-            self._made = set()
-            self._made_now = set()
+            self._placed = {}
             made: list[Path] = []
             if take_made:
                 made, self._new_folders = self._new_folders, []
@@ -566,14 +600,13 @@ class Applier:
         """
         if size < 0:
             raise ValueError(f"{path}: negative size {size}")
-        folder, prefix, target = self._prepare(root_id, path)
-        temp = prefix + _temp_name(path.rpartition("/")[2])
-        fd, straight = self._create(temp, size)
+        folder, target, where, staging = self._prepare(root_id, path)
+        temp, fd, straight = self._open_new(where, path, staging, size)
         found = None
         writer = None
         try:
-            # In a folder made by this batch there is nothing to replace.
-            if prefix not in self._made_now:
+            # In a folder that is not there yet there is nothing to replace.
+            if staging is None:
                 found = _copy_mode(fd, target)
             if straight:
                 writer = direct.DirectWriter(fd, self._buffers)
@@ -594,7 +627,7 @@ class Applier:
             digest=digest,
             writer=writer,
         )
-        return self._track(incoming, found)
+        return self._track(incoming, found, staging)
 
     def write_whole(
         self, root_id: str, path: str, data: memoryview, *, mtime_ns: int, digest: str
@@ -611,12 +644,11 @@ class Applier:
         actual = digest_of(data)
         if actual != digest:
             raise _hash_mismatch(path, actual, digest)
-        folder, prefix, target = self._prepare(root_id, path)
-        temp = prefix + _temp_name(path.rpartition("/")[2])
-        fd = os.open(temp, _CREATE_FLAGS, 0o666)
+        folder, target, where, staging = self._prepare(root_id, path)
+        temp, fd, _ = self._open_new(where, path, staging, 0)
         try:
-            # In a folder made by this batch there is nothing to replace.
-            found = None if prefix in self._made_now else _copy_mode(fd, target)
+            # In a folder that is not there yet there is nothing to replace.
+            found = None if staging is not None else _copy_mode(fd, target)
             _write_out(fd, data, temp)
             if self.preserve_timestamps and _FD_TIMES:
                 # Set on the temporary file, so the target never shows the copy time.
@@ -643,27 +675,79 @@ class Applier:
             digest=digest,
             finished=info,
         )
-        return self._track(incoming, found)
+        return self._track(incoming, found, staging)
 
-    def _track(self, incoming: Incoming, found: os.stat_result | None) -> Incoming:
+    def _track(
+        self, incoming: Incoming, found: os.stat_result | None, staging: _Staging | None
+    ) -> Incoming:
         """Note what was at the target, and keep ``incoming`` for :meth:`abort_all`."""
         incoming.found = found
+        if staging is not None:
+            incoming._staging = staging
+            incoming._at_name = not incoming._temp.rpartition(os.sep)[2].startswith(TEMP_PREFIX)
         with self._lock:
             self._live.add(incoming)
         return incoming
 
-    def _prepare(self, root_id: str, path: str) -> tuple[Path, str, str]:
-        """:meth:`_locate`, with the target's folders made (once per batch)."""
+    def _prepare(self, root_id: str, path: str) -> tuple[Path, str, str, _Staging | None]:
+        """:meth:`_locate`, plus where to write: the target's folder, or its hidden stand-in.
+
+        Returns the target's folder, the target, where to write the file (the
+        target, or its place in a hidden folder) and the :class:`_Staging` of
+        that hidden folder (None: the target's own folder, which exists). The
+        folder is looked up once per batch.
+        """
         folder, prefix, target = self._locate(root_id, path)
-        if prefix not in self._made:
-            real_root = Path(os.path.realpath(self.roots[root_id]))
-            created = _make_root(real_root) + _make_folders_inside(real_root, folder, path)
+        placed = self._placed.get(prefix)
+        if placed is None:
+            placed = self._place(root_id, folder, path)
             with self._lock:
-                self._made.add(prefix)
+                self._placed[prefix] = placed
+        where, staging = placed
+        return folder, target, where + target[len(prefix) :], staging
+
+    def _place(self, root_id: str, folder: Path, path: str) -> tuple[str, _Staging | None]:
+        """Where the files of ``folder`` go now (see :meth:`_prepare`), made if needed."""
+        real_root = Path(os.path.realpath(self.roots[root_id]))
+        created = _make_root(real_root)
+        if created:
+            with self._lock:
                 self._new_folders.extend(created)
-                if created and created[-1] == folder:
-                    self._made_now.add(prefix)
-        return folder, prefix, target
+        missing = _first_missing(real_root, folder, path)
+        if missing is None:
+            return os.path.join(folder, ""), None
+        with self._lock:
+            staging = self._stagings.get(str(missing))
+            if staging is None:
+                hidden = missing.parent / _hidden_name(missing.name)
+                os.mkdir(hidden)
+                staging = _Staging(missing, hidden)
+                self._stagings[staging.folder] = staging
+                self._hidden[staging.hidden] = staging
+        inside = Path(staging.hidden, folder.relative_to(missing))
+        os.makedirs(inside, exist_ok=True)
+        return os.path.join(inside, ""), staging
+
+    def _open_new(
+        self, where: str, path: str, staging: _Staging | None, size: int
+    ) -> tuple[str, int, bool]:
+        """Create the file to write ``path`` into: its name, descriptor, and :meth:`_create`'s flag.
+
+        ``where`` is the target in the folder to write in. In a hidden folder
+        the file gets its own name, unless this batch has it already (the
+        second version then waits under a temporary name, renamed after).
+        """
+        if staging is not None:
+            try:
+                fd, straight = self._create(where, size)
+            except FileExistsError:
+                pass
+            else:
+                return where, fd, straight
+        head, _, name = where.rpartition(os.sep)
+        temp = f"{head}{os.sep}{_temp_name(name)}"
+        fd, straight = self._create(temp, size)
+        return temp, fd, straight
 
     def _create(self, temp: str, size: int) -> tuple[int, bool]:
         """Create a temporary file; True with it if its data goes past the page cache.
@@ -739,11 +823,28 @@ class Applier:
         ]
 
         folders: dict[Path, list[int]] = {}
+        stagings = self._move_stagings(batch, outcomes, folders)
         repeated = {t for t, n in Counter(i._target for i in batch).items() if n > 1}
         placed: dict[str, FileIdentity] = {}
         for i, incoming in enumerate(batch):
             if outcomes[i] is not None:
                 continue
+            staging, incoming._staging = incoming._staging, None
+            if staging is not None and staging.moved:
+                # Its folder is in place: the file is at its target, or beside it.
+                incoming._temp = staging.folder + incoming._temp[len(staging.hidden) :]
+                if incoming._at_name:
+                    outcomes[i] = incoming._committed()
+                    _note_folder(folders, incoming.folder, staging.top, i)
+                    if incoming._target in repeated:
+                        with contextlib.suppress(OSError):
+                            placed[incoming._target] = identity_of(os.lstat(incoming._target))
+                    continue
+            elif staging is not None:
+                failed = self._unstage(incoming, folders)
+                if failed is not None:
+                    outcomes[i] = failed
+                    continue
             if incoming._target in placed and incoming._guarded:
                 # What the batch put there is no change of this node's.
                 incoming._replaces = placed[incoming._target]
@@ -757,6 +858,7 @@ class Applier:
             # A new folder's own name lives in its parent.
             folders.setdefault(created.parent, [])
         self._forget_checks()  # the next batch checks its folders again
+        self._remove_hidden(stagings)
 
         if self.durable and not _WINDOWS:
             for folder, indexes in sorted(folders.items()):
@@ -771,6 +873,85 @@ class Applier:
                             f"written, but its folder could not be flushed: {_why(exc)}",
                         )
         return [o for o in outcomes if o is not None]
+
+    def _move_stagings(
+        self,
+        batch: Sequence[Incoming],
+        outcomes: Sequence[Outcome | None],
+        folders: dict[Path, list[int]],
+    ) -> list[_Staging]:
+        """Rename into place the hidden folders whose files are all in ``batch``.
+
+        Returns every staging of the batch: those not moved (some of their
+        files come with a later batch, or something is at the folder's name
+        now) have their files renamed one by one by :meth:`commit`.
+        """
+        mine: dict[int, tuple[_Staging, Incoming]] = {}
+        for incoming, outcome in zip(batch, outcomes, strict=True):
+            staging = incoming._staging
+            if outcome is None and staging is not None and id(staging) not in mine:
+                mine[id(staging)] = (staging, incoming)
+        if not mine:
+            return []
+        in_batch = {id(incoming) for incoming in batch}
+        with self._lock:
+            later = {
+                id(incoming._staging)
+                for incoming in self._live
+                if incoming._staging is not None
+                and incoming.pending
+                and id(incoming) not in in_batch
+            }
+            for staging, _ in mine.values():
+                # Files of this folder from now on see what is at its name.
+                self._stagings.pop(staging.folder, None)
+        for key, (staging, member) in mine.items():
+            if key in later:
+                continue
+            try:
+                # Checked again, as each file's rename would: the folders may have changed.
+                found = self._locate(member.root_id, member.path, name_checked=True)[2]
+                if found != member._target:
+                    continue
+                _move_noreplace(Path(staging.hidden), staging.top)
+            except (OSError, UnsafePathError):
+                continue  # one by one: each file's rename says why
+            staging.moved = True
+            with self._lock:
+                self._hidden.pop(staging.hidden, None)
+            folders.setdefault(staging.top.parent, [])
+        return [staging for staging, _ in mine.values()]
+
+    def _unstage(self, incoming: Incoming, folders: dict[Path, list[int]]) -> Outcome | None:
+        """Make the real folder of a file written in a hidden one, for its own rename.
+
+        None when made; else the file is dropped and the Outcome says why.
+        """
+        real_root = Path(os.path.realpath(self.roots[incoming.root_id]))
+        try:
+            created = _make_folders_inside(real_root, incoming.folder, incoming.path)
+        except UnsafePathError as exc:
+            return incoming._drop("refused", exc.reason or str(exc))
+        except OSError as exc:
+            return incoming._drop("retry", f"cannot make its folder: {_why(exc)}")
+        for folder in created:
+            folders.setdefault(folder.parent, [])
+        return None
+
+    def _remove_hidden(self, stagings: Iterable[_Staging]) -> None:
+        """Remove the hidden folders of ``stagings`` left empty (files renamed out or aborted)."""
+        with self._lock:
+            live = {
+                id(incoming._staging)
+                for incoming in self._live
+                if incoming._staging is not None and incoming.pending
+            }
+        for staging in stagings:
+            if staging.moved or id(staging) in live:
+                continue
+            if _remove_empty_tree(Path(staging.hidden)):
+                with self._lock:
+                    self._hidden.pop(staging.hidden, None)
 
     def delete(self, root_id: str, path: str) -> Outcome:
         """Delete one regular file; see :meth:`delete_many`."""
@@ -953,10 +1134,17 @@ class Applier:
             pending = [incoming for incoming in self._live if incoming.pending]
         for incoming in pending:
             incoming.abort()
+        with self._lock:
+            stagings = list(self._hidden.values())
+            self._stagings = {}
+        self._remove_hidden(stagings)
         return len(pending)
 
     def cleanup_temp_files(self) -> int:
         """Remove temporary files left under every root by a crash; return how many.
+
+        A hidden folder of a new folder (see the module) left by a crash goes
+        whole, and counts as its files.
 
         Files of transfers still in progress through this Applier are kept, so
         it is safe at any time; best run before the first transfer. Links are
@@ -964,14 +1152,20 @@ class Applier:
         """
         with self._lock:
             live = {incoming.temp_path for incoming in self._live if incoming.pending}
+            filling = set(self._hidden)
         removed = 0
         seen: set[str] = set()
         for root in self.roots.values():
             real_root = os.path.realpath(root)
-            for folder, _folders, names in os.walk(real_root):
+            for folder, folders, names in os.walk(real_root):
                 if folder in seen:
                     continue  # one root nested in another is walked once
                 seen.add(folder)
+                for name in [n for n in folders if n.startswith(STAGING_PREFIX)]:
+                    folders.remove(name)  # not walked: removed whole, or in use
+                    hidden = os.path.join(folder, name)
+                    if hidden not in filling:
+                        removed += _remove_hidden_tree(hidden)
                 for name in names:
                     if not name.startswith(TEMP_PREFIX):
                         continue
@@ -1277,18 +1471,66 @@ def _make_folders_inside(root: Path, folder: Path, path: str) -> tuple[Path, ...
         try:
             os.mkdir(current)
         except FileExistsError:
-            info = os.lstat(current)
-            if _is_link(info):
-                raise UnsafePathError.broken_rule(
-                    path, f"folder {part!r} is a symbolic link"
-                ) from None
-            if not stat.S_ISDIR(info.st_mode):
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "a file is in the way of a folder", str(current)
-                ) from None
+            _check_folder(os.lstat(current), current, part, path)
             continue
         created.append(current)
     return tuple(created)
+
+
+def _first_missing(root: Path, folder: Path, path: str) -> Path | None:
+    """The topmost folder from ``root`` down to ``folder`` that is not there (None: all are).
+
+    Refuses what :func:`_make_folders_inside` refuses: a link or a file in the way.
+    """
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return current
+        _check_folder(info, current, part, path)
+    return None
+
+
+def _check_folder(info: os.stat_result, folder: Path, part: str, path: str) -> None:
+    """A folder found on the way to ``path``'s target must be a real one."""
+    if _is_link(info):
+        raise UnsafePathError.broken_rule(path, f"folder {part!r} is a symbolic link")
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", str(folder))
+
+
+def _note_folder(folders: dict[Path, list[int]], folder: Path, top: Path, index: int) -> None:
+    """File ``index`` landed in ``folder``, moved in with ``top``: flush them and all between."""
+    if folder not in folders:
+        below = folder
+        while below not in (top, below.parent):
+            below = below.parent  # a folder's name lives in its parent, moved in too
+            folders.setdefault(below, [])
+    folders.setdefault(folder, []).append(index)
+
+
+def _remove_empty_tree(top: Path) -> bool:
+    """Remove ``top`` and the folders below it if no file is left there; True if gone."""
+    try:
+        for current, _folders, _names in os.walk(top, topdown=False):
+            os.rmdir(current)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_hidden_tree(hidden: str) -> int:
+    """Remove a crashed transfer's hidden folder whole; how many files it held."""
+    try:
+        if not stat.S_ISDIR(os.lstat(hidden).st_mode):
+            return 0
+        count = sum(len(names) for _f, _d, names in os.walk(hidden))
+        shutil.rmtree(hidden)
+    except OSError:
+        return 0
+    return count
 
 
 # Temporary names: random per process, then counted (no system call per file);
@@ -1297,8 +1539,13 @@ _TEMP_STAMP = secrets.token_hex(3)
 _TEMP_COUNT = itertools.count()
 
 
-def _temp_name(name: str) -> str:
-    prefix = f"{TEMP_PREFIX}{_TEMP_STAMP}{next(_TEMP_COUNT):06x}-"
+def _hidden_name(name: str) -> str:
+    """The hidden name a missing folder is filled under (see the module)."""
+    return _temp_name(name, STAGING_PREFIX)
+
+
+def _temp_name(name: str, kind: str = TEMP_PREFIX) -> str:
+    prefix = f"{kind}{_TEMP_STAMP}{next(_TEMP_COUNT):06x}-"
     room = MAX_COMPONENT_BYTES - len(prefix.encode("ascii"))
     # Cut on a character boundary so that a long UTF-8 name still fits one component.
     return prefix + name.encode("utf-8")[:room].decode("utf-8", "ignore")

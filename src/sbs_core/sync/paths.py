@@ -23,7 +23,10 @@ write is not detected.
 
 Names starting with :data:`TEMP_PREFIX` are sbs's own temporary files (written
 next to their target, then renamed over it). The scanner ignores them, and the
-peer may not name one as a file to write or delete.
+peer may not name one as a file to write or delete. Folders starting with
+:data:`STAGING_PREFIX` are sbs's own too: a new folder's files are written
+under such a hidden name and the folder is renamed into place whole. The
+scanner skips them, and no path from the peer may pass through one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sbs_core.errors import RemoteProtocolError
 __all__ = (
     "MAX_COMPONENT_BYTES",
     "MAX_PATH_BYTES",
+    "STAGING_PREFIX",
     "TEMP_PREFIX",
     "UnsafePathError",
     "check_wire_name",
@@ -47,6 +51,7 @@ __all__ = (
 )
 
 TEMP_PREFIX = ".sbs-tmp-"
+STAGING_PREFIX = ".sbs-new-"
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 
@@ -117,7 +122,8 @@ def check_wire_path(path: str, *, windows: bool = _ON_WINDOWS) -> PurePosixPath:
     :data:`MAX_COMPONENT_BYTES` bytes that are not empty, ``.`` or ``..``, do
     not end in ``.`` or a space, are not a Windows device name (``CON``,
     ``com1.txt``, ``LPT²``...), and contain no control character, ``\\`` or
-    ``:``. The last component may not start with :data:`TEMP_PREFIX`.
+    ``:``. The last component may not start with :data:`TEMP_PREFIX`, and no
+    component with :data:`STAGING_PREFIX`.
 
     With ``windows=True`` the characters ``< > " | ? *`` are refused too; it is
     the default on Windows, where such names cannot be created.
@@ -183,7 +189,9 @@ def _path_problem(path: str, *, windows: bool) -> str | None:
         isinstance(path, str)
         and len(path) <= MAX_PATH_BYTES
         and _PLAIN_PATH.fullmatch(path) is not None
-        and not path.rpartition("/")[2].startswith(TEMP_PREFIX)
+        # Either prefix anywhere: the rules below tell whether it is a broken one.
+        and TEMP_PREFIX not in path
+        and STAGING_PREFIX not in path
     ):
         return None
     return _broken_path_rule(path, windows=windows)
@@ -213,6 +221,8 @@ def _broken_path_rule(path: str, *, windows: bool) -> str | None:
             return reason
     if components[-1].startswith(TEMP_PREFIX):
         return f"names a temporary file of sbs ({TEMP_PREFIX}*)"
+    if any(component.startswith(STAGING_PREFIX) for component in components):
+        return f"passes through a folder sbs is still filling ({STAGING_PREFIX}*)"
     return None
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import xxhash
 
-from .paths import MAX_PATH_BYTES, TEMP_PREFIX, _component_problem, _shown
+from .paths import MAX_PATH_BYTES, STAGING_PREFIX, TEMP_PREFIX, _component_problem, _shown
 
 __all__ = (
     "HASH_NAME",
@@ -197,6 +197,8 @@ class _Walk:
                 result.skipped_symlinks += 1
                 return None
             if entry.is_dir(follow_symlinks=False):
+                if name.startswith(STAGING_PREFIX):
+                    return None  # a new folder still being received (sync.apply)
                 reason = _component_problem(name, windows=self.windows)
                 if reason is not None:
                     result.unsendable.append(
