@@ -141,6 +141,29 @@ def test_a_folder_spread_over_two_batches_arrives_whole(root: Path) -> None:
     assert hidden_folders(root) == []
 
 
+def test_a_file_still_arriving_keeps_its_new_folder_hidden_until_it_is_whole(
+    root: Path,
+) -> None:
+    # A large file streams into a new folder while a batch with a small file of
+    # the same folder commits: the folder must not appear with half a file in it.
+    applier = make_applier(root, durable=True)
+    data = os.urandom(direct.MIN_SIZE * 3)
+    large = applier.begin(ROOT, "new/large.bin", size=len(data), mtime_ns=MTIME_NS, digest="")
+    large.write(data[: direct.MIN_SIZE])
+    small = [write(applier, "new/small.lab", b"s")]
+
+    assert [o.status for o in applier.commit(small)] == ["applied"]
+    assert tree(root / "new") == {"small.lab": b"s"}
+
+    large.write(data[direct.MIN_SIZE :])
+    large.expect(digest_of(data))
+    large.finish()
+    large.guard(None)
+    assert [o.status for o in applier.commit([large])] == ["applied"]
+    assert tree(root / "new") == {"small.lab": b"s", "large.bin": data}
+    assert hidden_folders(root) == []
+
+
 def test_a_folder_made_here_meanwhile_keeps_its_files_and_gets_the_new_ones(root: Path) -> None:
     applier = make_applier(root)
     batch = [write(applier, "new/a.lab", b"theirs"), write(applier, "new/b.lab", b"b")]
