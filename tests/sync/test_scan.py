@@ -503,6 +503,14 @@ def test_hash_of_a_fifo_is_none_without_blocking(tmp_path: Path) -> None:
     assert hash_file(tmp_path / "pipe") is None
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows does not open a folder as a file")
+def test_hash_of_a_folder_is_none(tmp_path: Path) -> None:
+    # A folder where a file was expected (in the way of a received file) is no
+    # file to hash; an error here once failed the receiver's whole cycle.
+    (tmp_path / "folder").mkdir()
+    assert hash_file(tmp_path / "folder") is None
+
+
 def test_hash_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         hash_file(tmp_path / "nope")

@@ -279,10 +279,16 @@ def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> FileDigest | None:
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, not {chunk_size}")
     fd = os.open(path, _OPEN_FLAGS)
-    with open(fd, "rb", buffering=0) as file:
+    try:
         before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(before.st_mode):
+        # Checked before a file object wraps it: that refuses a folder with an error.
+        os.close(fd)
+        return None
+    with open(fd, "rb", buffering=0) as file:
         hasher = new_hasher()
         buffer = memoryview(bytearray(chunk_size))
         total = 0
