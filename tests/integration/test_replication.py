@@ -923,3 +923,41 @@ def test_update_scripts_export_before_each_cycle_and_a_failing_one_is_reported(
         )
         assert pair.a.alive
         assert pair.b.alive
+
+
+def test_update_scripts_run_once_a_period_not_at_every_retry(tmp_path: Path) -> None:
+    # A file the secondary cannot apply (a folder in its way) is retried every
+    # second; the update scripts, which may be costly exports, still run once a period.
+    root = tmp_path / "pair"
+    period = 5.0
+    runs = root / "runs.txt"
+    count = f"open({str(runs)!r}, 'a').write('run\\n')\n"
+    extra = f"\n[app]\nupdate_scripts = {json.dumps([[sys.executable, '-c', count]])}\n"
+    with replica_pair(root, node={"period": period}, extra=extra) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        write(src / "blocked.txt", b"blocked\n")
+        write(src / "plain.txt", b"plain\n")
+        (dst / "blocked.txt").mkdir(parents=True)
+        start_pair(pair)
+        wait_until("plain.txt on b", lambda: has_bytes(dst / "plain.txt", b"plain\n"), timeout=15)
+        first_cycle = time.monotonic()
+        wait_until(
+            "the retry in a's status",
+            lambda: "folder is in the way" in str(status_of(pair.a)["last_sync_error"]),
+            timeout=5,
+        )
+        sent = status_of(pair.a)["files_sent"]
+        time.sleep(max(0.0, first_cycle + period - 1.5 - time.monotonic()))
+
+        # blocked.txt was sent again and again, and the scripts ran for the first cycle only.
+        assert status_of(pair.a)["files_sent"] >= sent + 2
+        assert runs.read_text().count("run") == 1
+
+        # The way cleared, a retry applies it; the next period runs the scripts again.
+        (dst / "blocked.txt").rmdir()
+        wait_until(
+            "blocked.txt on b", lambda: has_bytes(dst / "blocked.txt", b"blocked\n"), timeout=5
+        )
+        wait_until(
+            "the next period's run", lambda: runs.read_text().count("run") == 2, timeout=period
+        )

@@ -197,7 +197,10 @@ class _Local:
 @dataclass(slots=True)
 class _Trigger:
     full: bool = False  # scan every folder
-    periodic: bool = False  # the period is up: run the update scripts
+    # The period is up (or the session begins): run the update scripts. Never
+    # for a scan that only catches up (the watcher restarted, a retry, deletions
+    # confirmed): an export may be costly, and it runs once a period.
+    periodic: bool = False
     paths: dict[str, set[str]] = field(default_factory=dict)  # root id -> changed paths
     final: anyio.Event | None = None
     # A split-brain loser pushing to the winner: a file the winner changed too is
@@ -623,7 +626,7 @@ class SyncEngine:
             # (A session for one final cycle has no use for the watcher: no wait.)
             with anyio.move_on_after(WATCH_SETTLE_WAIT):
                 await self._watch_settled.wait()
-        self._trigger.full = True
+        self._trigger.full = self._trigger.periodic = True
         cycle = 0
         node = self.config.node
         next_cycle = next_scan = anyio.current_time()
@@ -639,18 +642,17 @@ class SyncEngine:
                     # deletions are looked at again by every scan, so while there
                     # are some, every cycle scans.
                     quiet = now < next_scan and not any(self._held.values())
-                    if quiet and await self._watch_holds():
-                        self._trigger.periodic = True
-                    else:
+                    self._trigger.periodic = True
+                    if not (quiet and await self._watch_holds()):
                         self._trigger.full = True
                 continue
             self._trigger = _Trigger()
             self._wake = anyio.Event()
             cycle += 1
-            if trigger.full or trigger.periodic:
+            if trigger.full:
+                next_scan = anyio.current_time() + node.rescan_interval
+            if trigger.periodic:
                 next_cycle = anyio.current_time() + node.period
-                if trigger.full:
-                    next_scan = anyio.current_time() + node.rescan_interval
                 if not trigger.final:
                     await self._run_update_scripts()
             # Read before the cycle: a confirmation given while it runs is for the next one.
