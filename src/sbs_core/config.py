@@ -508,10 +508,11 @@ class AppConfig(_Section):
     """The managed application's settings folder, always replicated."""
 
     update_scripts: tuple[_Command, ...] = ()
-    """Commands run at the start of every replication cycle, e.g. to export the
-    application's state to files. Each is a list of words (``["export", "--all"]``) or a
-    string split into words like a POSIX shell would (on Windows prefer the list form,
-    where backslashes in paths need no escaping)."""
+    """Commands run once a period (``node.period``) and at the first cycle after the
+    secondary connects, before the cycle's scan, e.g. to export the application's state
+    to files; not again for a scan that only catches up. Each is a list of words
+    (``["export", "--all"]``) or a string split into words like a POSIX shell would (on
+    Windows prefer the list form, where backslashes in paths need no escaping)."""
 
     update_script_timeout: _Seconds = 60.0
     """Seconds an update script may run before it is stopped."""
