@@ -30,6 +30,7 @@ from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.licence import LicenceError, gate_for
+from sbs_core.memory import keep_freed_memory
 from sbs_core.state import StateStore, write_atomically
 
 __all__ = ("main",)
@@ -134,6 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.node.mode,
         config.node.state_dir,
     )
+    if keep_freed_memory():  # replication's buffers reuse freed memory (sbs_core.memory)
+        log.debug("the C allocator keeps freed memory for reuse")
     anyio.run(_run_node, config)
     return EXIT_OK
 
