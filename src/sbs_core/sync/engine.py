@@ -1085,10 +1085,10 @@ class SyncEngine:
                             large.append(candidate)
                         elif (batch := batcher.add(candidate)) is not None:
                             await tx.send(
-                                await anyio.to_thread.run_sync(self._read_batch, root, batch)
+                                await anyio.to_thread.run_sync(self._read_and_note, root, batch)
                             )
                 if (batch := batcher.rest()) is not None:
-                    await tx.send(await anyio.to_thread.run_sync(self._read_batch, root, batch))
+                    await tx.send(await anyio.to_thread.run_sync(self._read_and_note, root, batch))
 
         async with _task_group() as tg:
             tg.start_soon(reader)
@@ -1114,7 +1114,7 @@ class SyncEngine:
                 sent[path] = result
         return sent
 
-    def _read_batch(self, root: LocalRoot, batch: list[Candidate]) -> list[_Read]:
+    def _read_and_note(self, root: LocalRoot, batch: list[Candidate]) -> list[_Read]:
         """Read a batch of small files, and note their digests (blocks).
 
         Noted here, in the worker thread: the index rows of a full batch
