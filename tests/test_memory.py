@@ -91,3 +91,67 @@ def test_the_administrators_own_setting_wins() -> None:
 def test_nothing_is_set_outside_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "win32")
     assert memory.keep_freed_memory() is False
+
+
+# In a fresh interpreter: what start-up made is frozen, the collector runs
+# less often, and a reference cycle made afterwards is still collected on its
+# own (no gc.collect()) once enough new objects were made.
+_COLLECTOR = """
+import gc, json, sys, weakref
+from sbs_core.memory import YOUNG_THRESHOLD, settle_collector
+
+started = [[n] for n in range(5000)]  # what start-up builds
+if sys.argv[1] == "settle":
+    settle_collector()
+
+class Node:
+    pass
+
+def cycle_made():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+probe = cycle_made()
+alive_after = None
+kept = []
+for n in range(3 * YOUNG_THRESHOLD):
+    kept.append([n])
+    if probe() is None and alive_after is None:
+        alive_after = n
+print(json.dumps({
+    "frozen": gc.get_freeze_count(),
+    "threshold": gc.get_threshold(),
+    "collected_after": alive_after,
+}))
+"""
+
+
+def _collector(mode: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found: dict[str, object] = json.loads(done.stdout)
+    return found
+
+
+def test_the_collector_leaves_start_up_alone_and_runs_less_often() -> None:
+    plain = _collector("plain")
+    settled = _collector("settle")
+
+    assert plain["frozen"] == 0
+    frozen = settled["frozen"]
+    assert isinstance(frozen, int)
+    assert frozen >= 5000  # start-up's objects, at least
+    assert settled["threshold"] == [memory.YOUNG_THRESHOLD, 20, 20]
+    # By default the cycle goes within CPython's 700 new objects; settled, it
+    # waits for more, but it still goes without anyone calling gc.collect().
+    plain_after, settled_after = plain["collected_after"], settled["collected_after"]
+    assert isinstance(plain_after, int)
+    assert isinstance(settled_after, int)
+    assert plain_after < 1000
+    assert 1000 < settled_after <= 3 * memory.YOUNG_THRESHOLD
