@@ -271,6 +271,17 @@ def test_abort_all_leaves_neither_files_nor_hidden_folders(root: Path) -> None:
     assert not whole.pending
 
 
+def test_the_applier_writes_into_an_aborted_new_folder_again(root: Path) -> None:
+    applier = make_applier(root)
+    write(applier, "new/a.lab", b"a")
+    applier.abort_all()
+
+    again = write(applier, "new/b.lab", b"b")
+
+    assert [o.status for o in applier.commit([again])] == ["applied"]
+    assert tree(root) == {"new/b.lab": b"b"}
+
+
 def test_cleanup_removes_a_crashed_hidden_folder_but_not_one_in_use(root: Path) -> None:
     crashed = root / "old" / f"{STAGING_PREFIX}0123-gone"
     (crashed / "sub").mkdir(parents=True)

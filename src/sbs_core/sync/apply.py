@@ -1138,6 +1138,8 @@ class Applier:
             stagings = list(self._hidden.values())
             self._stagings = {}
         self._remove_hidden(stagings)
+        # The hidden folders went: the next file of their folders is placed afresh.
+        self._forget_checks()
         return len(pending)
 
     def cleanup_temp_files(self) -> int:
