@@ -112,6 +112,7 @@ def cycle_made():
     a.other, b.other = b, a
     return weakref.ref(a)
 
+gc.collect()  # every generation's count starts at 0: the cycle is young until collected
 probe = cycle_made()
 alive_after = None
 kept = []
