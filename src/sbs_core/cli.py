@@ -30,7 +30,7 @@ from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.licence import LicenceError, gate_for
-from sbs_core.memory import keep_freed_memory, settle_collector
+from sbs_core.memory import keep_freed_memory
 from sbs_core.state import StateStore, write_atomically
 
 __all__ = ("main",)
@@ -145,7 +145,6 @@ async def _run_node(config: Config) -> None:
     from sbs_core.driver import Node, install_signal_handlers  # noqa: PLC0415 - see top
 
     node = Node(config, gate=gate_for(config))
-    settle_collector()  # start-up is done: the collector leaves it alone (sbs_core.memory)
     async with anyio.create_task_group() as tg:
         install_signal_handlers(node, tg)
         await node.run()

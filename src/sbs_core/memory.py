@@ -1,4 +1,4 @@
-"""A node's process tunes its memory management: the C allocator and the cyclic collector.
+"""A node's process asks the C allocator to keep freed memory for reuse (glibc, Linux).
 
 Replication allocates and frees buffers of about 1 MiB many times a second:
 each file read, each sealed or opened frame, each joined batch. With glibc's
@@ -14,44 +14,21 @@ peak resident size 11 MB higher (77 MB against 66 MB).
 
 An administrator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``
 (glibc's environment variables) wins; another C library is left as it is.
-
-:func:`settle_collector`, once a node has started, moves what start-up built
-(modules, validators, the configuration: about 42,000 objects) out of the
-cyclic garbage collector's sight with :func:`gc.freeze`, and has it run once
-per :data:`YOUNG_THRESHOLD` new container objects instead of CPython's 700: a
-batch of small files makes and drops tens of thousands of them, and the
-collector spent 5-9 % of the nodes' time walking them (kernel profiles of the
-"small" benchmark). Side by side, 8 alternating pairs: the secondary's user
-time 1.64-1.83 s against 1.73-1.91 s (median -6 %); the wall time moved less
-than the machine's noise. Reference cycles are still collected, a little later.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import sys
 
-__all__ = (
-    "MMAP_THRESHOLD",
-    "TRIM_THRESHOLD",
-    "YOUNG_THRESHOLD",
-    "keep_freed_memory",
-    "settle_collector",
-)
+__all__ = ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory")
 
 MMAP_THRESHOLD = 16 * 1024 * 1024
 """Larger allocations are mapped on their own (and unmapped when freed)."""
 
 TRIM_THRESHOLD = 64 * 1024 * 1024
 """Freed memory at the top of the heap kept for reuse, at most."""
-
-YOUNG_THRESHOLD = 10_000
-"""New container objects (net of those freed) between two runs of the cyclic collector."""
-
-# How many young collections make one of the middle generation, and so on (CPython: 10, 10).
-_OLDER_THRESHOLDS = (20, 20)
 
 # mallopt's parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -73,9 +50,3 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
-
-
-def settle_collector() -> None:
-    """Freeze what start-up made and run the cyclic collector less often (see the module)."""
-    gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, *_OLDER_THRESHOLDS)
