@@ -1212,14 +1212,10 @@ class SyncEngine:
             self._trigger.paths.setdefault(root.spec.id, set()).add(path)
             return None
         self._local[(root.spec.id, path)] = _Local(size, before.st_mtime_ns, before.st_ino, digest)
-        self.index.put(
-            root.spec.id,
-            path,
-            size=size,
-            mtime_ns=before.st_mtime_ns,
-            ino=before.st_ino,
-            digest=digest,
-        )
+        # In a worker thread, as every index call: a commit can wait seconds for
+        # a busy disk, or for the index's lock held by a thread that does.
+        row = (root.spec.id, path, size, before.st_mtime_ns, before.st_ino, digest)
+        await anyio.to_thread.run_sync(self.index.put_many, [row])
         return (size, digest)
 
     # ------------------------------------------------------------------ receiver
