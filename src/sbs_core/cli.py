@@ -30,6 +30,7 @@ from sbs_core.config import Config, load_config
 from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.licence import LicenceError, gate_for
+from sbs_core.logs import logging_off_the_loop
 from sbs_core.memory import keep_freed_memory
 from sbs_core.state import StateStore, write_atomically
 
@@ -121,7 +122,13 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     gate_for(config)  # an unusable licence refuses the start before anything runs
-    _setup_logging(args.log_level, args.log_file)
+    logging.getLogger().setLevel(args.log_level.upper())
+    with logging_off_the_loop(log_handlers(args.log_file)):
+        _start_node(config)
+    return EXIT_OK
+
+
+def _start_node(config: Config) -> None:
     log = logging.getLogger("sbs")
     for warning in config.warnings():
         log.warning("%s: %s", config.config_file, warning)
@@ -138,7 +145,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if keep_freed_memory():  # replication's buffers reuse freed memory (sbs_core.memory)
         log.debug("the C allocator keeps freed memory for reuse")
     anyio.run(_run_node, config)
-    return EXIT_OK
 
 
 async def _run_node(config: Config) -> None:
@@ -151,19 +157,19 @@ async def _run_node(config: Config) -> None:
         tg.cancel_scope.cancel()
 
 
-def _setup_logging(level: str, log_file: Path | None) -> None:
+def log_handlers(log_file: Path | None) -> list[logging.Handler]:
+    """Where ``sbs run`` logs: standard error, and ``--log-file`` (rotated) if given."""
     fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        rotating = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
+            )
         )
-        rotating.setFormatter(fmt)
-        root.addHandler(rotating)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+    return handlers
 
 
 # ---------------------------------------------------------------------- status

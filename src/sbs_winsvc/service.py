@@ -37,6 +37,7 @@ import win32serviceutil
 
 from sbs_core import __version__
 from sbs_core.errors import SbsError
+from sbs_core.logs import logging_off_the_loop
 from sbs_winsvc.acl import restrict_to_administrators
 from sbs_winsvc.runner import ServiceRunner
 
@@ -89,9 +90,8 @@ def _event(event_id: int, inserts: tuple[str, str]) -> None:
         servicemanager.LogMsg(servicemanager.EVENTLOG_INFORMATION_TYPE, event_id, inserts)
 
 
-def _setup_logging(state_dir: Path | None) -> list[logging.Handler]:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
+def _log_handlers(state_dir: Path | None) -> list[logging.Handler]:
+    """The event log, and ``logs/sbs.log`` (rotated) under the state directory."""
     handlers: list[logging.Handler] = [EventLogHandler()]
     if state_dir is not None:
         try:
@@ -108,8 +108,6 @@ def _setup_logging(state_dir: Path | None) -> list[logging.Handler]:
             handlers.append(rotating)
         except OSError as exc:
             logger.warning("cannot write the log file in %s: %s", state_dir, exc)
-    for handler in handlers:
-        root.addHandler(handler)
     return handlers
 
 
@@ -197,7 +195,8 @@ class SbsService(win32serviceutil.ServiceFramework):
     def SvcDoRun(self) -> None:
         _event(servicemanager.PYS_SERVICE_STARTED, (self.service_name, f" (sbs {__version__})"))
         config = win32serviceutil.GetServiceCustomOption(self.service_name, CONFIG_OPTION)
-        handlers: list[logging.Handler] = []
+        # Closed last, so that the failure logged below is written too.
+        logs = contextlib.ExitStack()
         try:
             if not config:
                 raise SbsError(
@@ -206,7 +205,8 @@ class SbsService(win32serviceutil.ServiceFramework):
                 )
             runner = self.runner_factory(Path(str(config)))
             state_dir = runner.prepare().node.state_dir
-            handlers = _setup_logging(state_dir)
+            logging.getLogger().setLevel(logging.INFO)
+            logs.enter_context(logging_off_the_loop(_log_handlers(state_dir)))
             restrict_to_administrators(state_dir)
             with self._runner_lock:
                 self._runner = runner
@@ -223,10 +223,8 @@ class SbsService(win32serviceutil.ServiceFramework):
                 servicemanager.LogErrorMsg(f"sbs service {self.service_name} failed: {exc}")
             raise
         finally:
+            logs.close()
             _event(servicemanager.PYS_SERVICE_STOPPED, (self.service_name, ""))
-            for handler in handlers:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
 
 
 # --------------------------------------------------------------------------- command line

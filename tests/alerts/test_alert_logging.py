@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from alertkit import HOST, PASSWORD, closed_port, port_of, write_config
 
-from sbs_core.cli import _setup_logging
+from sbs_core.cli import log_handlers
 from sbs_core.lab import free_port
 
 
@@ -85,18 +85,12 @@ def test_a_node_logs_each_alert_on_one_line_to_the_file(tmp_path: Path, level: s
 
 
 def test_the_log_file_is_rotated(tmp_path: Path) -> None:
-    root = logging.getLogger()
-    before = list(root.handlers), root.level
+    handlers = log_handlers(tmp_path / "sbs.log")
     try:
-        _setup_logging("info", tmp_path / "sbs.log")
-        (rotating,) = [
-            h for h in root.handlers if isinstance(h, logging.handlers.RotatingFileHandler)
-        ]
+        (rotating,) = [h for h in handlers if isinstance(h, logging.handlers.RotatingFileHandler)]
         assert rotating.baseFilename == str(tmp_path / "sbs.log")
         assert (rotating.maxBytes, rotating.backupCount) == (10 * 1024 * 1024, 5)
+        assert any(type(h) is logging.StreamHandler for h in handlers)  # and standard error
     finally:
-        for handler in root.handlers:
-            if handler not in before[0]:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(before[1])
+        for handler in handlers:
+            handler.close()
