@@ -31,6 +31,7 @@ from sbs_core.control import NodeNotRunning, control_request
 from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.licence import LicenceError, gate_for
 from sbs_core.logs import logging_off_the_loop
+from sbs_core.loopwatch import LoopWatch
 from sbs_core.memory import keep_freed_memory
 from sbs_core.state import StateStore, write_atomically
 
@@ -214,6 +215,7 @@ def node_status(config: Config) -> dict[str, Any]:
             "sentinels_held_reason": None,
             **SyncStatus().as_dict(),
             **Notifier.offline_snapshot(config.node.state_dir),
+            **LoopWatch.offline_snapshot(),
         }
     if not isinstance(answer, dict) or not answer.get("ok"):
         raise ControlError(f"the node answered: {answer}")
@@ -274,6 +276,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):
         lines.append(f"last error {st['last_error']}")
+    if st.get("loop_stalls"):
+        lines.append(
+            f"stalls     the event loop stalled {st['loop_stalls']} times, longest"
+            f" {st['loop_longest_stall']:.2f} s (the log says where)"
+        )
     if st.get("sentinels_held"):
         lines.append(
             f"held       {', '.join(st['sentinels_held'])} not started:"

@@ -47,6 +47,7 @@ from sbs_core.errors import (
     UnknownSentinelError,
 )
 from sbs_core.licence import SentinelPermission
+from sbs_core.loopwatch import TICK, LoopWatch
 from sbs_core.machine import (
     Action,
     Alert,
@@ -230,6 +231,10 @@ class Node:
         self._stop_requested_at: float | None = None
         self._started_wall = time.time()
         self._tg: TaskGroup | None = None
+        # Half of dead_time: a stall that long is worth a warning, well before a takeover.
+        self._loop_watch = LoopWatch(
+            warn_after=node.dead_time / 2, tick=min(TICK, node.dead_time / 8)
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -289,6 +294,7 @@ class Node:
             **self._gate_status(),
             **self._sync.snapshot(),
             **self._notifier.snapshot(),
+            **self._loop_watch.snapshot(),
         }
 
     def _gate_status(self) -> dict[str, Any]:
@@ -330,6 +336,7 @@ class Node:
                 control = ControlServer(node.state_dir, self._on_control)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    await tg.start(self._loop_watch.run)
                     await tg.start(control.serve)
                     await tg.start(self._sync.run)
                     await tg.start(self._notifier.run)
