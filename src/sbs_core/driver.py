@@ -47,7 +47,7 @@ from sbs_core.errors import (
     UnknownSentinelError,
 )
 from sbs_core.licence import SentinelPermission
-from sbs_core.loopwatch import TICK, LoopWatch
+from sbs_core.loopwatch import LoopWatch
 from sbs_core.machine import (
     Action,
     Alert,
@@ -232,9 +232,7 @@ class Node:
         self._started_wall = time.time()
         self._tg: TaskGroup | None = None
         # Half of dead_time: a stall that long is worth a warning, well before a takeover.
-        self._loop_watch = LoopWatch(
-            warn_after=node.dead_time / 2, tick=min(TICK, node.dead_time / 8)
-        )
+        self._loop_watch = LoopWatch(warn_after=node.dead_time / 2)
 
     # ------------------------------------------------------------------ public
 
