@@ -11,7 +11,8 @@ For each data set (generated from a fixed seed), it times, alternating the tools
 3. idle CPU ("small" only): both nodes over 60 s with nothing changing;
 4. peak memory (VmHWM) of both nodes while replicating "small" and "large";
 5. heartbeats during the transfers: ``peer.longest_silence`` on both nodes, and
-   no takeover (roles and epochs unchanged).
+   no takeover (roles and epochs unchanged); each run's line also shows each
+   node's longest event-loop stall (``loop_longest_stall``).
 
 Usage: ``python bench/replication.py [--sets small,mixed,large] [--runs N]
 [--output docs/benchmarks.md]``.
@@ -391,6 +392,9 @@ class SyncRun:
     hwm_b: int
     silence_a: float
     silence_b: float
+    # The longest delay of each node's event loop (status ``loop_longest_stall``)
+    stall_a: float
+    stall_b: float
     takeover: str | None
     first_cycle: float | None
     # CPU seconds of each node from b's connection until it was done
@@ -562,6 +566,8 @@ class PairRun:
             hwm_b=hwm_b,
             silence_a=float((after_a.get("peer") or {}).get("longest_silence") or 0.0),
             silence_b=float((after_b.get("peer") or {}).get("longest_silence") or 0.0),
+            stall_a=float(after_a.get("loop_longest_stall") or 0.0),
+            stall_b=float(after_b.get("loop_longest_stall") or 0.0),
             takeover=takeover,
             first_cycle=cycle,
             cpu_a_user=split["a"][0],
@@ -788,7 +794,8 @@ def one_pair_of_runs(
             f"  {label}: {sbs.from_connected:7.3f} s from connection, "
             f"{sbs.from_start:7.3f} s from b's start, CPU {sbs.cpu:.2f} s; a's cycle {cycle} s;"
             f" peak a {sbs.hwm_a / MB:.0f} MB, b {sbs.hwm_b / MB:.0f} MB; longest silence "
-            f"a {sbs.silence_a:.3f} s, b {sbs.silence_b:.3f} s; {load_line()}"
+            f"a {sbs.silence_a:.3f} s, b {sbs.silence_b:.3f} s; longest loop stall "
+            f"a {sbs.stall_a:.3f} s, b {sbs.stall_b:.3f} s; {load_line()}"
             + (f"; TAKEOVER: {sbs.takeover}" if sbs.takeover else "")
         )
     ctx.settle()
