@@ -116,5 +116,7 @@ def test_the_status_screen_names_stalls_only_when_there_were_some() -> None:
     assert "stalls     the event loop stalled 2 times, longest 1.23 s (the log says where)" in (
         stalled
     )
+    once = screen(loop_stalls=1, loop_longest_stall=0.5)
+    assert "stalls     the event loop stalled 1 time, longest 0.50 s (the log says where)" in once
     for quiet in (screen(loop_stalls=0, loop_longest_stall=0.02), screen(loop_stalls=None)):
         assert not any(line.startswith("stalls") for line in quiet)

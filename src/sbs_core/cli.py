@@ -276,10 +276,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):
         lines.append(f"last error {st['last_error']}")
-    if st.get("loop_stalls"):
+    stalls = st.get("loop_stalls")
+    if stalls:
         lines.append(
-            f"stalls     the event loop stalled {st['loop_stalls']} times, longest"
-            f" {st['loop_longest_stall']:.2f} s (the log says where)"
+            f"stalls     the event loop stalled {stalls} time{'s' if stalls != 1 else ''},"
+            f" longest {st['loop_longest_stall']:.2f} s (the log says where)"
         )
     if st.get("sentinels_held"):
         lines.append(
