@@ -7,6 +7,7 @@ import time
 
 import anyio
 import pytest
+from alertkit import primary_status
 
 from sbs_core.cli import format_status
 from sbs_core.loopwatch import LoopWatch
@@ -97,18 +98,7 @@ def test_the_tick_is_half_the_warning_time_unless_given_and_always_shorter() -> 
 
 
 def screen(**extra: object) -> list[str]:
-    status: dict[str, object] = {
-        "role": "primary",
-        "mode": "auto",
-        "epoch": 1,
-        "name": "a",
-        "local_address": "127.0.0.1",
-        "remote_address": "127.0.0.2",
-        "port": 4445,
-        "peer": None,
-        **extra,
-    }
-    return format_status(status).splitlines()
+    return format_status(primary_status(**extra)).splitlines()
 
 
 def test_the_status_screen_names_stalls_only_when_there_were_some() -> None:

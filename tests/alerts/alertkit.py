@@ -426,3 +426,32 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.01)
+
+
+# --- sbs status, for a person
+
+
+def primary_status(**changes: Any) -> dict[str, Any]:
+    """What a running primary without a peer reports (``sbs status --json``), for screen tests."""
+    status: dict[str, Any] = {
+        "role": "primary",
+        "mode": "auto",
+        "epoch": 3,
+        "name": "print-1",
+        "local_address": HOST,
+        "remote_address": "127.0.0.2",
+        "port": 4445,
+        "peer": None,
+        "peer_connected": False,
+        "handing_over": False,
+        "active_sentinels": ["labels"],
+        "sentinels": ["labels"],
+        "last_error": None,
+        "last_sync_at": None,
+        "outbox_size": 0,
+        "last_mail_at": None,
+        "last_mail_error": None,
+        "last_hook_error": None,
+    }
+    status.update(changes)
+    return status

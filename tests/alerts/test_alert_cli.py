@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -15,6 +14,7 @@ from alertkit import (
     RECIPIENT,
     closed_port,
     port_of,
+    primary_status,
     silent_server,
     smtp_server,
     text_of,
@@ -113,32 +113,6 @@ async def test_server_that_never_answers(tmp_path: Path) -> None:
 
 
 # --- sbs status, for a person ------------------------------------------------------------
-
-
-def primary_status(**changes: Any) -> dict[str, Any]:
-    """What a running primary without a peer reports (``sbs status --json``)."""
-    status: dict[str, Any] = {
-        "role": "primary",
-        "mode": "auto",
-        "epoch": 3,
-        "name": "print-1",
-        "local_address": HOST,
-        "remote_address": "127.0.0.2",
-        "port": 4445,
-        "peer": None,
-        "peer_connected": False,
-        "handing_over": False,
-        "active_sentinels": ["labels"],
-        "sentinels": ["labels"],
-        "last_error": None,
-        "last_sync_at": None,
-        "outbox_size": 0,
-        "last_mail_at": None,
-        "last_mail_error": None,
-        "last_hook_error": None,
-    }
-    status.update(changes)
-    return status
 
 
 def test_status_says_nothing_about_mail_before_there_is_any() -> None:

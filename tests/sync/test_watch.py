@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from alertkit import primary_status
 
 from sbs_core.cli import format_status
 from sbs_core.sync import watch
@@ -198,18 +199,7 @@ def test_folders_that_never_hold_still_end_the_start_with_an_error(
 
 
 def screen_with(**watch: object) -> list[str]:
-    status: dict[str, object] = {
-        "role": "primary",
-        "mode": "auto",
-        "epoch": 1,
-        "name": "a",
-        "local_address": "127.0.0.1",
-        "remote_address": "127.0.0.2",
-        "port": 4445,
-        "peer": None,
-        **watch,
-    }
-    return format_status(status).splitlines()
+    return format_status(primary_status(**watch)).splitlines()
 
 
 def test_the_status_screen_tells_how_changes_are_found() -> None:
