@@ -27,7 +27,9 @@ __all__ = ("ConnectionGone", "Heard", "PeerConnection", "handshake", "remote_hos
 
 logger = logging.getLogger("sbs")
 
-_READ_SIZE = 64 * 1024  # measured faster than 1 MiB reads: fewer fresh pages per read
+# asyncio reads at most 256 KiB at a time; asking anyio for less makes it split
+# (copy) each read. Measured on "large": the secondary's CPU 2.35 s against 2.73 s.
+_READ_SIZE = 256 * 1024
 BULK_LIMIT = 4 << 20  # bytes queued in the bulk lane before a sender waits
 
 
