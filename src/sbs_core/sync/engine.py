@@ -264,6 +264,16 @@ class _ReceiverSession:
         self.scope = anyio.CancelScope()
         self.ended = anyio.Event()
 
+    def put(self, item: SyncMessage | bytes) -> None:
+        """Queue what the peer sent for the session; dropped once the session has ended.
+
+        A session that fails (a refused path, a forged frame) stops reading its
+        queue at once, while what the peer sent before it learns of that still
+        arrives; that is no fault of the connection's.
+        """
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.queue_tx.send_nowait(item)
+
     def close(self) -> None:
         """Once the session is over (it no longer gets messages: it is not the receiver)."""
         self.queue_tx.close()
@@ -406,7 +416,7 @@ class SyncEngine:
             return
         receiver = self._receiver
         if receiver is not None and receiver.conn == conn and message.session == receiver.id:
-            receiver.queue_tx.send_nowait(message)
+            receiver.put(message)
 
     def on_data(self, conn: ConnId, payload: bytes) -> None:
         receiver = self._receiver
@@ -415,7 +425,7 @@ class SyncEngine:
         receiver.queued_bytes += len(payload)
         if receiver.queued_bytes > 2 * WINDOW + CHUNK:
             raise RemoteProtocolError("sync: the peer sent more data than it was granted")
-        receiver.queue_tx.send_nowait(payload)
+        receiver.put(payload)
 
     def on_closed(self, conn: ConnId) -> None:
         if self._sender is not None and self._sender.conn == conn:
@@ -1209,7 +1219,9 @@ class SyncEngine:
             digest = "" if torn else chunks.hasher.hexdigest()
             await self._link.send(session.conn, Seal(session=session.id, digests=(digest,)))
         finally:
-            await anyio.to_thread.run_sync(f.close)
+            # Shielded: a session cancelled mid-file (its connection gone) still closes it.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(f.close)
         if torn:
             logger.info("%s changed while it was read: it goes again next cycle", full)
             self._trigger.paths.setdefault(root.spec.id, set()).add(path)
