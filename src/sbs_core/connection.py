@@ -21,7 +21,15 @@ from anyio.abc import ByteStream, SocketAttribute
 
 from sbs_core.errors import LocalProtocolError, ProtocolError, SbsError
 from sbs_core.messages import Hello, Message, decode_message, encode_message
-from sbs_core.wire import Authenticated, Closed, ControlReceived, DataReceived, SecureChannel
+from sbs_core.wire import (
+    Authenticated,
+    Closed,
+    ControlReceived,
+    DataPayload,
+    DataReceived,
+    SealedDataReceived,
+    SecureChannel,
+)
 
 __all__ = ("ConnectionGone", "Heard", "PeerConnection", "handshake", "remote_host")
 
@@ -112,6 +120,7 @@ class PeerConnection:
         self._ready = anyio.Event()
         self._room = anyio.Event()
         self._closing = False
+        self._broken: str | None = None  # why we closed it, when the peer broke the protocol
 
     # ------------------------------------------------------------------ sending
 
@@ -135,6 +144,12 @@ class PeerConnection:
         self._bulk_bytes += len(frame[1])
         self._ready.set()
 
+    def break_off(self, reason: str) -> None:
+        """Close the connection because the peer broke the protocol (found out elsewhere)."""
+        logger.warning("peer %s broke the protocol: %s", self.peer_host, reason)
+        self._broken = f"protocol error: {reason}"
+        self.close()
+
     def close(self, last_words: Message | None = None) -> None:
         """Send ``last_words`` (urgent frames already queued go first), then close."""
         if last_words is not None:
@@ -148,7 +163,7 @@ class PeerConnection:
     # ------------------------------------------------------------------ running
 
     async def run(
-        self, on_message: Callable[[Message], None], on_data: Callable[[bytes], None]
+        self, on_message: Callable[[Message], None], on_data: Callable[[DataPayload], None]
     ) -> str:
         """Read and write until the connection ends; why it ended."""
         reason = "closed"
@@ -201,7 +216,7 @@ class PeerConnection:
             self.flushed.set()
 
     async def _reader(
-        self, on_message: Callable[[Message], None], on_data: Callable[[bytes], None]
+        self, on_message: Callable[[Message], None], on_data: Callable[[DataPayload], None]
     ) -> str:
         while True:
             try:
@@ -209,7 +224,7 @@ class PeerConnection:
             except anyio.EndOfStream:
                 data = None
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                return describe(exc)
+                return self._broken or describe(exc)
             try:
                 self.channel.receive_data(data)
                 for event in self.channel.events():
@@ -225,6 +240,9 @@ class PeerConnection:
                         case DataReceived(payload=payload):
                             self.last_heard_wall = time.time()
                             on_data(payload)
+                        case SealedDataReceived(frame=frame):
+                            self.last_heard_wall = time.time()
+                            on_data(frame)
                         case Closed():
                             return "closed by the peer"
                         case _:

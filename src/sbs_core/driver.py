@@ -82,7 +82,7 @@ from sbs_core.messages import SYNC_MESSAGES, Goodbye, Message, SyncMessage
 from sbs_core.state import StateStore
 from sbs_core.sync.engine import LinkClosed, SyncEngine
 from sbs_core.transport import TcpTransport, Transport
-from sbs_core.wire import NONCE_SIZE, SecureChannel
+from sbs_core.wire import NONCE_SIZE, DataPayload, SecureChannel
 
 __all__ = ("ControllerFactory", "FileSync", "Node", "SentinelGate")
 
@@ -127,7 +127,7 @@ class FileSync(Protocol):
 
     def on_message(self, conn: ConnId, message: SyncMessage) -> None: ...
 
-    def on_data(self, conn: ConnId, payload: bytes) -> None: ...
+    def on_data(self, conn: ConnId, payload: DataPayload) -> None: ...
 
     def on_closed(self, conn: ConnId) -> None: ...
 
@@ -606,7 +606,10 @@ class Node:
 
     async def _run_stream(self, stream: ByteStream, *, initiated: bool) -> None:
         peer_host = remote_host(stream)
-        channel = SecureChannel(self._secret, initiator=initiated, nonce=os.urandom(NONCE_SIZE))
+        # Data frames are opened by the replication's writing thread, not the event loop.
+        channel = SecureChannel(
+            self._secret, initiator=initiated, nonce=os.urandom(NONCE_SIZE), defer_data=True
+        )
         heard = Heard()
         try:
             async with self._handshake_slots(peer_host, initiated=initiated):
@@ -648,7 +651,7 @@ class Node:
             else:
                 self._post(functools.partial(_received, conn=conn_id, message=message))
 
-        def on_data(payload: bytes) -> None:
+        def on_data(payload: DataPayload) -> None:
             self._sync.on_data(conn_id, payload)
 
         reason = "closed"
@@ -700,6 +703,12 @@ class Node:
             await peer.send_data(payload)
         except ConnectionGone as exc:
             raise LinkClosed(str(exc)) from None
+
+    def drop(self, conn: ConnId, reason: str) -> None:
+        """Close ``conn`` because its peer broke the protocol (replication found it out)."""
+        peer = self._conns.get(conn)
+        if peer is not None:
+            peer.break_off(reason)
 
     def _sync_alert(
         self, kind: str, message: str, level: Literal["info", "warning", "error"]

@@ -15,6 +15,7 @@ __all__ = (
     "AuthenticationError",
     "ConfigError",
     "ControlError",
+    "ForgedFrameError",
     "LocalProtocolError",
     "NotPrimaryError",
     "ProtocolError",
@@ -79,6 +80,10 @@ class RemoteProtocolError(ProtocolError, ConnectionError):
 
 class AuthenticationError(RemoteProtocolError):
     """The peer could not prove that it knows the shared secret."""
+
+
+class ForgedFrameError(RemoteProtocolError):
+    """A frame failed its integrity check: changed, replayed, moved or dropped on the way."""
 
 
 class ControlError(SbsError, ConnectionError):

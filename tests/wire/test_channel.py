@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from sbs_core.errors import (
     AuthenticationError,
+    ForgedFrameError,
     LocalProtocolError,
     RemoteProtocolError,
 )
@@ -35,6 +36,7 @@ from sbs_core.wire import (
     ControlReceived,
     DataReceived,
     FrameKind,
+    SealedDataReceived,
     SecureChannel,
     encode_frame,
     encode_header,
@@ -69,10 +71,16 @@ def random_chunker(rnd: random.Random, max_chunk: int = 64) -> Chunker:
 
 
 def make_pair(
-    *, initiator_secret: bytes = SECRET, responder_secret: bytes = SECRET, max_frame: int = 4096
+    *,
+    initiator_secret: bytes = SECRET,
+    responder_secret: bytes = SECRET,
+    max_frame: int = 4096,
+    defer_data: bool = False,
 ) -> tuple[SecureChannel, SecureChannel]:
     initiator = SecureChannel(initiator_secret, initiator=True, nonce=NONCE_I, max_frame=max_frame)
-    responder = SecureChannel(responder_secret, initiator=False, nonce=NONCE_R, max_frame=max_frame)
+    responder = SecureChannel(
+        responder_secret, initiator=False, nonce=NONCE_R, max_frame=max_frame, defer_data=defer_data
+    )
     return initiator, responder
 
 
@@ -104,8 +112,11 @@ def handshake(
     return seen_by_initiator, seen_by_responder
 
 
-def open_pair(max_frame: int = 4096) -> tuple[SecureChannel, SecureChannel]:
-    initiator, responder = make_pair(max_frame=max_frame)
+def open_pair(
+    max_frame: int = 4096, *, defer_data: bool = False
+) -> tuple[SecureChannel, SecureChannel]:
+    """A pair past its handshake; with ``defer_data`` the responder hands data frames on sealed."""
+    initiator, responder = make_pair(max_frame=max_frame, defer_data=defer_data)
     assert handshake(initiator, responder) == ([Authenticated()], [Authenticated()])
     return initiator, responder
 
@@ -274,8 +285,9 @@ def test_second_challenge_is_refused() -> None:
         channel.receive_data(challenge(nonce=NONCE_I.hex()))
 
 
-def test_data_frame_during_the_handshake_is_refused() -> None:
-    channel = SecureChannel(SECRET, initiator=False, nonce=NONCE_R)
+@pytest.mark.parametrize("defer_data", [False, True])
+def test_data_frame_during_the_handshake_is_refused(defer_data: bool) -> None:
+    channel = SecureChannel(SECRET, initiator=False, nonce=NONCE_R, defer_data=defer_data)
     with pytest.raises(RemoteProtocolError, match="data frame"):
         channel.receive_data(encode_frame(FrameKind.DATA, b"{}"))
 
@@ -702,3 +714,102 @@ def test_properties_report_the_construction() -> None:
     assert channel.max_frame == 1234
     largest = SecureChannel(SECRET, initiator=True, nonce=NONCE_I, max_frame=MAX_FRAME_LIMIT)
     assert largest.max_frame == MAX_FRAME_LIMIT
+
+
+# --- data frames handed on sealed (defer_data) -----------------------------------
+
+
+def opened(events: list[ChannelEvent]) -> list[ChannelEvent]:
+    """The events with each sealed data frame opened, as the receiver's writer opens it."""
+    return [
+        DataReceived(payload=e.frame.open()) if isinstance(e, SealedDataReceived) else e
+        for e in events
+    ]
+
+
+@given(frames=payload_frames, rnd=st.randoms(use_true_random=False))
+def test_sealed_data_frames_open_to_their_payload_in_any_split(
+    frames: list[tuple[FrameKind, bytes]], rnd: random.Random
+) -> None:
+    initiator, responder = open_pair(defer_data=True)
+    for kind, payload in frames:
+        send(initiator, kind, payload)
+    events = deliver(initiator, responder, random_chunker(rnd, rnd.choice([1, 7, 100, 10_000])))
+    # Control frames are opened by the channel; data frames come sealed, in their place.
+    assert [type(e) for e in events] == [
+        ControlReceived if kind is FrameKind.CONTROL else SealedDataReceived for kind, _ in frames
+    ]
+    assert opened(events) == [as_event(*f) for f in frames]
+
+
+def test_a_sealed_frame_opens_into_a_buffer_of_its_size_only() -> None:
+    initiator, responder = open_pair(1 << 20, defer_data=True)
+    payload = random.Random(3).randbytes(1 << 20)
+    initiator.send_data(payload)
+    [event] = deliver(initiator, responder, random_chunker(random.Random(4), 256 * 1024))
+    assert isinstance(event, SealedDataReceived)
+    assert len(event.frame) == event.frame.size == len(payload)
+    buffer = bytearray(len(payload) + 10)
+    with pytest.raises(LocalProtocolError, match="buffer"):
+        event.frame.open_into(memoryview(buffer)[: len(payload) - 1])
+    event.frame.open_into(memoryview(buffer)[5 : 5 + len(payload)])
+    assert buffer == bytes(5) + payload + bytes(5)
+
+
+def test_sealed_frames_open_in_any_order_and_only_as_themselves() -> None:
+    initiator, responder = open_pair(defer_data=True)
+    for payload in (b"first", b"second"):
+        initiator.send_data(payload)
+    first, second = deliver(initiator, responder)
+    assert isinstance(first, SealedDataReceived)
+    assert isinstance(second, SealedDataReceived)
+    assert second.frame.open() == b"second"
+    assert first.frame.open() == b"first"
+    assert first.frame.open() == b"first"  # opening does not consume anything
+
+
+@settings(max_examples=100)
+@given(data=st.data())
+def test_a_changed_sealed_frame_fails_where_it_is_opened_and_the_next_frames_still_open(
+    data: st.DataObject,
+) -> None:
+    initiator, responder = open_pair(defer_data=True)
+    initiator.send_data(b"a chunk of a replicated file")
+    wire = bytearray(initiator.data_to_send())
+    initiator.send_control(b'{"type":"heartbeat"}')
+    initiator.send_data(b"the next chunk")
+    # The body only: a changed header is refused at once (or waited on), as before.
+    index = data.draw(st.integers(HEADER_SIZE, len(wire) - 1), label="index")
+    wire[index] ^= data.draw(st.integers(1, 255), label="xor")
+    responder.receive_data(bytes(wire) + initiator.data_to_send())
+    changed, heartbeat, following = responder.events()
+    assert isinstance(changed, SealedDataReceived)
+    with pytest.raises(ForgedFrameError, match="integrity"):
+        changed.frame.open()
+    buffer = bytearray(changed.frame.size)
+    with pytest.raises(ForgedFrameError, match="integrity"):
+        changed.frame.open_into(memoryview(buffer))
+    assert heartbeat == ControlReceived(payload=b'{"type":"heartbeat"}')
+    assert isinstance(following, SealedDataReceived)
+    assert following.frame.open() == b"the next chunk"
+
+
+def test_a_replayed_or_reflected_sealed_frame_fails_where_it_is_opened() -> None:
+    initiator, responder = open_pair(defer_data=True)
+    initiator.send_data(b"chunk")
+    frame = initiator.data_to_send()
+    responder.receive_data(frame)
+    responder.receive_data(frame)  # again: the next sequence number
+    genuine, replayed = responder.events()
+    assert isinstance(genuine, SealedDataReceived)
+    assert isinstance(replayed, SealedDataReceived)
+    assert genuine.frame.open() == b"chunk"
+    with pytest.raises(ForgedFrameError):
+        replayed.frame.open()
+    # A frame of the responder's own, sent back to it: the other direction's key.
+    responder.send_data(b"own")
+    responder.receive_data(responder.data_to_send())
+    [reflected] = responder.events()
+    assert isinstance(reflected, SealedDataReceived)
+    with pytest.raises(ForgedFrameError):
+        reflected.frame.open()

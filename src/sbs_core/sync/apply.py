@@ -78,6 +78,7 @@ from sbs_core.sync.paths import (
     resolve_inside,
 )
 from sbs_core.sync.scan import digest_of, new_hasher
+from sbs_core.wire import SealedFrame
 
 __all__ = (
     "DEFAULT_MAX_DELETE_COUNT",
@@ -397,6 +398,36 @@ class Incoming:
         if self._hasher is not None:  # always, while open
             self._hasher.update(view)
         self._written += view.nbytes
+
+    def write_sealed(self, frame: SealedFrame) -> None:
+        """Append a sealed data frame's payload, opened straight into the write buffer if it can be.
+
+        A frame that fails its integrity check aborts the file and raises
+        :class:`~sbs_core.errors.RemoteProtocolError`.
+        """
+        space = self._writer.reserve(frame.size) if self._writer is not None else None
+        if space is None:
+            try:
+                data = frame.open()
+            except BaseException:
+                self.abort()
+                raise
+            self.write(data)
+            return
+        self._require("open")
+        if self._written + frame.size > self.size:
+            self.abort()
+            raise IntegrityError(f"{self.path}: received more than the announced {self.size} bytes")
+        try:
+            frame.open_into(space)
+            if self._hasher is not None:  # always, while open
+                self._hasher.update(space)
+            assert self._writer is not None
+            self._writer.commit(frame.size)
+        except BaseException:
+            self.abort()
+            raise
+        self._written += frame.size
 
     def close(self) -> None:
         """Close the temporary file once every byte is in; :meth:`finish` checks it later.

@@ -81,6 +81,22 @@ class DirectWriter:
             if self._filled == BUFFER:
                 self._write_out(BUFFER)
 
+    def reserve(self, size: int) -> memoryview | None:
+        """The buffer's next ``size`` bytes, to be filled in place; None if they do not fit.
+
+        :meth:`commit` then appends them. A large file's data frames are as long
+        as the buffer, so each one fits in the buffer its predecessor emptied.
+        """
+        if BUFFER - self._filled < size:
+            return None
+        return self._view[self._filled : self._filled + size]
+
+    def commit(self, size: int) -> None:
+        """Append the ``size`` bytes just filled in at :meth:`reserve`'s place."""
+        self._filled += size
+        if self._filled == BUFFER:
+            self._write_out(BUFFER)
+
     def close_out(self) -> None:
         """Write the rest: its aligned part directly, the tail through the page cache."""
         aligned = self._filled - self._filled % ALIGN

@@ -33,7 +33,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sbs_core.config import Config
-from sbs_core.errors import RemoteProtocolError, SbsError
+from sbs_core.errors import ForgedFrameError, RemoteProtocolError, SbsError
 from sbs_core.machine import ConnId
 from sbs_core.messages import (
     Credit,
@@ -70,6 +70,7 @@ from sbs_core.sync.roots import (
 )
 from sbs_core.sync.scan import FileStat, digest_of, hash_file, new_hasher, scan_root
 from sbs_core.sync.watch import FolderWatch
+from sbs_core.wire import DataPayload, SealedFrame
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
 
@@ -130,6 +131,9 @@ class Link(Protocol):
     async def send(self, conn: ConnId, message: Message) -> None: ...
 
     async def send_data(self, conn: ConnId, payload: bytes) -> None: ...
+
+    def drop(self, conn: ConnId, reason: str) -> None:
+        """Close ``conn``: its peer broke the protocol (``reason`` says how)."""
 
 
 Alert = Callable[[str, str, Literal["info", "warning", "error"]], None]
@@ -257,14 +261,14 @@ class _ReceiverSession:
         self.conn = conn
         self.id = start.session
         self.start = start
-        tx, rx = anyio.create_memory_object_stream[SyncMessage | bytes](math.inf)
-        self.queue_tx: MemoryObjectSendStream[SyncMessage | bytes] = tx
-        self.queue_rx: MemoryObjectReceiveStream[SyncMessage | bytes] = rx
+        tx, rx = anyio.create_memory_object_stream[SyncMessage | DataPayload](math.inf)
+        self.queue_tx: MemoryObjectSendStream[SyncMessage | DataPayload] = tx
+        self.queue_rx: MemoryObjectReceiveStream[SyncMessage | DataPayload] = rx
         self.queued_bytes = 0
         self.scope = anyio.CancelScope()
         self.ended = anyio.Event()
 
-    def put(self, item: SyncMessage | bytes) -> None:
+    def put(self, item: SyncMessage | DataPayload) -> None:
         """Queue what the peer sent for the session; dropped once the session has ended.
 
         A session that fails (a refused path, a forged frame) stops reading its
@@ -418,7 +422,7 @@ class SyncEngine:
         if receiver is not None and receiver.conn == conn and message.session == receiver.id:
             receiver.put(message)
 
-    def on_data(self, conn: ConnId, payload: bytes) -> None:
+    def on_data(self, conn: ConnId, payload: DataPayload) -> None:
         receiver = self._receiver
         if receiver is None or receiver.conn != conn:
             return
@@ -1255,6 +1259,11 @@ class SyncEngine:
                     # a worker thread: the new inventory must come after it.
                     await previous.ended.wait()
                 await self._receiver_loop(session)
+        except ForgedFrameError as exc:
+            # A data frame opened here failed its check, as the channel fails one
+            # it opens itself: nothing of it was used, and the connection goes.
+            self.status.last_sync_error = str(exc)
+            self._link.drop(session.conn, str(exc))
         except (RemoteProtocolError, UnsafePathError) as exc:
             # First: both are ConnectionErrors, so the clause below would swallow them.
             self.status.last_sync_error = str(exc)
@@ -1440,8 +1449,8 @@ class _Chunks:
 
 
 async def _gather_data(
-    queue: MemoryObjectReceiveStream[SyncMessage | bytes],
-) -> AsyncIterator[SyncMessage | list[bytes]]:
+    queue: MemoryObjectReceiveStream[SyncMessage | DataPayload],
+) -> AsyncIterator[SyncMessage | list[DataPayload]]:
     """The queue's items, with data frames already waiting handed out together.
 
     Each hand-out is one worker-thread call on the receiver: per frame, the
@@ -1450,23 +1459,24 @@ async def _gather_data(
     held: SyncMessage | None = None
     while True:
         if held is not None:
-            item: SyncMessage | bytes = held
+            item: SyncMessage | DataPayload = held
             held = None
         else:
             try:
                 item = await queue.receive()
             except anyio.EndOfStream:
                 return
-        if not isinstance(item, bytes):
+        if not isinstance(item, bytes | SealedFrame):
             yield item
             continue
-        frames, size = [item], len(item)
+        frames: list[DataPayload] = [item]
+        size = len(item)
         while size < GATHER_BYTES:
             try:
                 more = queue.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 break
-            if not isinstance(more, bytes):
+            if not isinstance(more, bytes | SealedFrame):
                 held = more
                 break
             frames.append(more)
@@ -1642,7 +1652,7 @@ class _Receiving:
         self.current = 0  # index in files of the file being filled
         self.filled = 0  # bytes written into files[current]
         # The data frames of a Put of small files, held until its Seal (see HOLD_BYTES).
-        self.held: list[bytes] | None = None
+        self.held: list[DataPayload] | None = None
         self.held_bytes = 0
         self.held_total = 0  # what the Put announced
         self.ready: list[tuple[PutFile, Incoming]] = []
@@ -1656,7 +1666,7 @@ class _Receiving:
         # is received and dropped, every file of it retried, and its ack says why.
         self.broken: str | None = None
 
-    async def handle(self, item: SyncMessage | list[bytes]) -> None:
+    async def handle(self, item: SyncMessage | list[DataPayload]) -> None:
         if isinstance(item, list):  # data frames, gathered by _gather_data
             size = sum(len(frame) for frame in item)
             self.session.queued_bytes -= size
@@ -1769,7 +1779,7 @@ class _Receiving:
                 self.incoming[index] = None
                 self.retry.append((f.root, f.path, reason))
 
-    def _hold(self, frames: list[bytes], size: int) -> None:
+    def _hold(self, frames: list[DataPayload], size: int) -> None:
         assert self.held is not None
         if self.held_bytes + size > self.held_total:
             raise RemoteProtocolError("sync: more data than the Put announced")
@@ -1784,7 +1794,8 @@ class _Receiving:
         if len(digests) != len(files) or self.held_bytes != self.held_total:
             raise RemoteProtocolError("sync: a Seal that does not match its Put")
         write_whole = self.applier.write_whole
-        pieces = _cut(held, (f.size for f in files))
+        opened = [frame.open() if isinstance(frame, SealedFrame) else frame for frame in held]
+        pieces = _cut(opened, (f.size for f in files))
         for f, digest, piece in zip(files, digests, pieces, strict=True):
             if not digest:
                 continue  # torn on the sender: it comes again
@@ -1846,9 +1857,32 @@ class _Receiving:
             self.current += 1
             self.filled = 0
 
-    def _write_all(self, frames: list[bytes]) -> None:
-        for data in frames:
-            self._write(data)
+    def _write_all(self, frames: list[DataPayload]) -> None:
+        for frame in frames:
+            if not isinstance(frame, SealedFrame):
+                self._write(frame)
+            elif not self._write_sealed(frame):
+                self._write(frame.open())  # every frame is checked, even one no file takes
+
+    def _write_sealed(self, frame: SealedFrame) -> bool:
+        """Open a frame straight into its file, if it lies within one; False if not."""
+        if self.current >= len(self.files):
+            return False
+        f = self.files[self.current]
+        target = self.incoming[self.current]
+        if target is None or frame.size > f.size - self.filled:
+            return False
+        try:
+            target.write_sealed(frame)
+        except ForgedFrameError:
+            raise  # an OSError too (a ConnectionError), but the peer's doing: not a retry
+        except OSError as exc:
+            self.retry.append((f.root, f.path, str(exc)))
+            target.abort()
+            self.incoming[self.current] = None
+        self.filled += frame.size
+        self._advance()
+        return True
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

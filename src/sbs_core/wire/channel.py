@@ -36,6 +36,7 @@ from sbs_core.wire.frames import (
     FrameCipher,
     FrameKind,
     FrameReader,
+    SealedFrame,
     encode_frame,
 )
 
@@ -47,6 +48,7 @@ __all__ = (
     "Closed",
     "ControlReceived",
     "DataReceived",
+    "SealedDataReceived",
     "SecureChannel",
 )
 
@@ -86,11 +88,23 @@ class DataReceived:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SealedDataReceived:
+    """The peer sent a data frame, handed on unopened (a channel made with ``defer_data``).
+
+    Its payload is known genuine only once :meth:`SealedFrame.open` (or
+    ``open_into``) returned: a frame that fails there is the peer's fault,
+    as if the channel had failed.
+    """
+
+    frame: SealedFrame
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Closed:
     """The peer closed the connection cleanly, at a frame boundary after the handshake."""
 
 
-ChannelEvent = Authenticated | ControlReceived | DataReceived | Closed
+ChannelEvent = Authenticated | ControlReceived | DataReceived | SealedDataReceived | Closed
 
 
 class _State(Enum):
@@ -124,6 +138,10 @@ class SecureChannel:
     (``os.urandom(32)``); the channel itself draws no randomness. ``max_frame``
     bounds the payload of every frame after the handshake, in both directions;
     it may be at most :data:`~sbs_core.wire.frames.MAX_FRAME_LIMIT` (2 GiB less 17 bytes).
+    With ``defer_data`` the data frames after the handshake come out unopened,
+    as :class:`SealedDataReceived`, for the receiver to open where their
+    payload goes (see :class:`~sbs_core.wire.frames.SealedFrame`); control
+    frames are opened here either way.
 
     Errors: :meth:`receive_data` raises
     :class:`~sbs_core.errors.RemoteProtocolError` (or its subclass
@@ -143,6 +161,7 @@ class SecureChannel:
         initiator: bool,
         nonce: bytes,
         max_frame: int = DEFAULT_MAX_FRAME,
+        defer_data: bool = False,
     ) -> None:
         if not secret:
             raise LocalProtocolError("the shared secret must not be empty")
@@ -154,6 +173,7 @@ class SecureChannel:
         self._initiator = initiator
         self._nonce = bytes(nonce)
         self._max_frame = max_frame
+        self._defer_data = defer_data
         self._state = _State.AWAIT_CHALLENGE
         self._reader = FrameReader()
         self._outgoing: list[bytes] = []
@@ -255,10 +275,13 @@ class SecureChannel:
             frame = self._reader.next_frame(
                 max_payload=self._max_frame if open_ else HANDSHAKE_MAX_PAYLOAD,
                 cipher=self._receive_cipher,
+                defer_data=open_ and self._defer_data,
             )
             if frame is None:
                 return
-            if not open_:
+            if isinstance(frame, SealedFrame):
+                self._events.append(SealedDataReceived(frame=frame))
+            elif not open_:
                 self._on_handshake_frame(frame)
             elif frame.kind is FrameKind.CONTROL:
                 self._events.append(ControlReceived(payload=frame.payload))

@@ -20,12 +20,12 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, Literal, overload
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sbs_core.errors import LocalProtocolError, RemoteProtocolError
+from sbs_core.errors import ForgedFrameError, LocalProtocolError, RemoteProtocolError
 
 __all__ = (
     "DEFAULT_MAX_FRAME",
@@ -37,10 +37,12 @@ __all__ = (
     "MAX_FRAME_LIMIT",
     "MAX_PAYLOAD_LIMIT",
     "TAG_SIZE",
+    "DataPayload",
     "Frame",
     "FrameCipher",
     "FrameKind",
     "FrameReader",
+    "SealedFrame",
     "decode_header",
     "encode_frame",
     "encode_header",
@@ -119,12 +121,15 @@ class FrameCipher:
     what keeps a nonce from ever being used twice with the same key.
     """
 
-    __slots__ = ("_aead", "_sequence")
+    __slots__ = ("_aead", "_key", "_later", "_sequence")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError(f"a frame key must be {KEY_SIZE} bytes, not {len(key)}")
+        self._key = bytes(key)
         self._aead = AESGCM(key)
+        # The frames opened later (see defer), in another thread: an AEAD of their own.
+        self._later: AESGCM | None = None
         self._sequence = 0
 
     @property
@@ -152,14 +157,78 @@ class FrameCipher:
         try:
             payload = self._aead.decrypt(self._nonce(), body, header)
         except InvalidTag:
-            raise RemoteProtocolError("frame failed its integrity check") from None
+            raise ForgedFrameError("frame failed its integrity check") from None
         self._sequence += 1
         return payload
+
+    def defer(self, header: bytes, body: bytes | memoryview) -> SealedFrame:
+        """Take the next frame in this direction as it is, to be opened where it is used.
+
+        The frame consumes its sequence number now, so the frames after it open
+        as usual; :meth:`SealedFrame.open` checks it later, in any one thread
+        at a time.
+        """
+        if self._sequence >= _SEQUENCE_LIMIT:
+            raise RemoteProtocolError("frame after the last sequence number")
+        if self._later is None:
+            self._later = AESGCM(self._key)
+        frame = SealedFrame(self._later, self._nonce(), header, body)
+        self._sequence += 1
+        return frame
 
     def _nonce(self) -> bytes:
         # One conversion gives the documented 4 zero bytes + 8-byte sequence number,
         # since the sequence number never reaches 2**64.
         return self._sequence.to_bytes(_AEAD_NONCE_SIZE, "big")
+
+
+class SealedFrame:
+    """A data frame taken off the wire in order, still sealed: open it where its payload goes.
+
+    Opening a large frame is the receiver's costliest step; done by the thread
+    that writes the payload, it leaves the event loop free, and
+    :meth:`open_into` puts the payload straight where it is wanted, with no
+    copy. Its nonce was fixed when it was taken, so frames can be opened in
+    any order, but each must be opened before anything of it is used: a
+    forged, replayed or moved frame fails there with
+    :class:`~sbs_core.errors.ForgedFrameError`, not when it was taken.
+    """
+
+    __slots__ = ("_aead", "_body", "_header", "_nonce", "size")
+
+    def __init__(self, aead: AESGCM, nonce: bytes, header: bytes, body: bytes | memoryview) -> None:
+        self._aead = aead
+        self._nonce = nonce
+        self._header = header
+        self._body = body
+        #: The size of the payload inside.
+        self.size = len(body) - TAG_SIZE
+
+    def __len__(self) -> int:
+        return self.size
+
+    def open(self) -> bytes:
+        """The payload, if the frame is genuine."""
+        try:
+            return self._aead.decrypt(self._nonce, self._body, self._header)
+        except InvalidTag:
+            raise ForgedFrameError("frame failed its integrity check") from None
+
+    def open_into(self, buffer: memoryview) -> None:
+        """Write the payload into ``buffer`` (exactly :attr:`size` bytes), if the frame is genuine.
+
+        On a failure the buffer holds no byte of the frame worth keeping.
+        """
+        if len(buffer) != self.size:
+            raise LocalProtocolError(f"the buffer has {len(buffer)} bytes, the frame {self.size}")
+        try:
+            self._aead.decrypt_into(self._nonce, self._body, self._header, buffer)
+        except InvalidTag:
+            raise ForgedFrameError("frame failed its integrity check") from None
+
+
+#: What a receiver gets of a data frame: its payload, or the frame still sealed.
+DataPayload = bytes | SealedFrame
 
 
 def encode_frame(kind: FrameKind, payload: bytes, cipher: FrameCipher | None = None) -> bytes:
@@ -198,13 +267,27 @@ class FrameReader:
             self._chunks.append(bytes(data))
             self._size += len(data)
 
-    def next_frame(self, *, max_payload: int, cipher: FrameCipher | None) -> Frame | None:
+    @overload
+    def next_frame(
+        self, *, max_payload: int, cipher: FrameCipher | None, defer_data: Literal[False] = False
+    ) -> Frame | None: ...
+
+    @overload
+    def next_frame(
+        self, *, max_payload: int, cipher: FrameCipher | None, defer_data: bool
+    ) -> Frame | SealedFrame | None: ...
+
+    def next_frame(
+        self, *, max_payload: int, cipher: FrameCipher | None, defer_data: bool = False
+    ) -> Frame | SealedFrame | None:
         """The next complete frame, or None until more bytes arrive.
 
         The header is checked as soon as it is complete, so an oversized or
         foreign frame is refused before its body is buffered. With a ``cipher``
         the frame must be sealed under the next sequence number, and
-        ``max_payload`` bounds the payload inside, not the sealed body.
+        ``max_payload`` bounds the payload inside, not the sealed body. With
+        ``defer_data`` as well, a data frame comes back unopened, as a
+        :class:`SealedFrame` (a control frame is always opened here).
         """
         if self._size < HEADER_SIZE:
             return None
@@ -221,6 +304,8 @@ class FrameReader:
             return None
         self._take(HEADER_SIZE)
         body = self._take(length)
+        if defer_data and cipher is not None and kind is FrameKind.DATA:
+            return cipher.defer(header, body)
         # A handshake body is small: copying it out of its read keeps Frame.payload plain bytes.
         payload = bytes(body) if cipher is None else cipher.open(header, body)
         return Frame(kind=kind, payload=payload)
