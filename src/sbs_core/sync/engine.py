@@ -1489,14 +1489,18 @@ async def _task_group() -> AsyncIterator[TaskGroup]:
     """A task group whose one failure comes out as itself, not inside an ExceptionGroup.
 
     The callers catch LinkClosed and OSError by type; a helper task's failure
-    must reach them the same way as the host's.
+    must reach them the same way as the host's. A helper that reads ahead for
+    the host fails with BrokenResourceError when the host's failure closed the
+    stream between them: only the host's failure tells why, so only it comes out.
     """
     try:
         async with anyio.create_task_group() as tg:
             yield tg
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        causes = [e for e in group.exceptions if not isinstance(e, anyio.BrokenResourceError)]
+        failures = causes or group.exceptions
+        if len(failures) == 1:
+            raise failures[0] from None
         raise
 
 
