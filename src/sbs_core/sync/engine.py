@@ -94,6 +94,11 @@ BATCH_NAMES = 1 << 20  # characters of paths in one Put, with PUT_FILE_OVERHEAD 
 PUT_FILE_OVERHEAD = 100
 WINDOW = 16 << 20  # bytes in flight between sender and receiver
 READ_AHEAD = 4  # chunks of a large file read (in one worker-thread call) ahead of sending
+# Large files opened and read (their first READ_AHEAD chunks, so most of them
+# whole) ahead of the one being sent: measured on "mixed", opening, closing and
+# noting each file one after the other left the sender idle 2.8 s of 4.4.
+OPEN_AHEAD = 2
+INDEX_ROWS = 256  # sent large files noted in the index together, in one worker-thread call
 GATHER_BYTES = 4 << 20  # data frames written in one worker-thread call on the receiver
 # A Put of small files whose data is at most this many bytes is held in memory
 # until its Seal and written in one worker-thread call, each file whole.
@@ -1122,13 +1127,14 @@ class SyncEngine:
                     await self._put(session, root, fresh)
                     for r in fresh:
                         sent[r.path] = (r.size, r.digest)
+        todo = []
         for path, st, digest in large:
-            progress.advance(1, st.size)
             if digest is not None and known.get(path) == (st.size, digest):
-                continue
-            result = await self._stream_large(session, root, path, st)
-            if result is not None:
-                sent[path] = result
+                progress.advance(1, st.size)
+            else:
+                todo.append((path, st))
+        if todo:
+            sent.update(await self._send_large(session, root, todo, progress))
         return sent
 
     def _read_and_note(self, root: LocalRoot, batch: list[Candidate]) -> list[_Read]:
@@ -1180,18 +1186,77 @@ class SyncEngine:
         await self._link.send_data(session.conn, chunk)
         self.status.bytes_sent += len(chunk)
 
+    async def _send_large(
+        self,
+        session: _SenderSession,
+        root: LocalRoot,
+        todo: list[tuple[str, FileStat]],
+        progress: _Progress,
+    ) -> dict[str, tuple[int, str]]:
+        """Stream each large file of ``todo``; path -> (size, digest) of what was sent.
+
+        A worker thread opens the next files and reads their first chunks (most
+        files whole, then closed) while one is sent, so nothing waits for a
+        file's opening; the files sent are noted in the index in groups.
+        """
+        sent: dict[str, tuple[int, str]] = {}
+        rows: list[IndexRow] = []
+        tx, rx = anyio.create_memory_object_stream[_LargeRead](OPEN_AHEAD)
+
+        async def opener() -> None:
+            async with tx:
+                for path, st in todo:
+                    large = await anyio.to_thread.run_sync(_open_large, root.path, path)
+                    if large is None:
+                        progress.advance(1, st.size)
+                        continue
+                    try:
+                        await tx.send(large)
+                    except BaseException:
+                        large.close()  # the sending ended: this one will not be sent
+                        raise
+
+        try:
+            async with _task_group() as tg:
+                tg.start_soon(opener)
+                try:
+                    async for large in rx:
+                        progress.advance(1, large.size)
+                        result = await self._stream_large(session, root, large)
+                        if result is None:
+                            continue
+                        sent[large.path] = result
+                        size, digest = result
+                        before = large.before
+                        row = (root.spec.id, large.path, size, before.st_mtime_ns, before.st_ino)
+                        rows.append((*row, digest))
+                        if len(rows) >= INDEX_ROWS:
+                            await self._note_sent(rows)
+                            rows = []
+                finally:
+                    # Opened ahead but not sent (the session ended): closed here, and
+                    # the opener's next one when it finds the stream closed.
+                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                        while True:
+                            rx.receive_nowait().close()
+                    rx.close()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._note_sent(rows)
+        return sent
+
+    async def _note_sent(self, rows: list[IndexRow]) -> None:
+        # In a worker thread, as every index call: a commit can wait seconds for
+        # a busy disk, or for the index's lock held by a thread that does.
+        if rows:
+            await anyio.to_thread.run_sync(self.index.put_many, rows)
+
     async def _stream_large(
-        self, session: _SenderSession, root: LocalRoot, path: str, st: FileStat
+        self, session: _SenderSession, root: LocalRoot, large: _LargeRead
     ) -> tuple[int, str] | None:
-        full = root.path / path
+        """Send one large file opened (and partly read) ahead; its (size, digest) if sent whole."""
+        path, before, size = large.path, large.before, large.size
         try:
-            f = await anyio.to_thread.run_sync(open, full, "rb")
-        except OSError as exc:
-            logger.warning("cannot read %s: %s", full, exc)
-            return None
-        try:
-            before = os.fstat(f.fileno())
-            size = before.st_size
             await self._link.send(
                 session.conn,
                 Put(
@@ -1203,39 +1268,42 @@ class SyncEngine:
                     ),
                 ),
             )
-            chunks = _Chunks(f, size)
-            # Reading (and hashing) in a worker thread runs ahead of the sending.
-            tx, rx = anyio.create_memory_object_stream[bytes](READ_AHEAD)
-
-            async def reader() -> None:
-                async with tx:
-                    while chunks.remaining > 0:
-                        for chunk in await anyio.to_thread.run_sync(chunks.take, READ_AHEAD):
-                            await tx.send(chunk)
-
-            async with _task_group() as tg:
-                tg.start_soon(reader)
-                async with rx:
-                    async for chunk in rx:
-                        await self._send_frame(session, chunk)
-            after = os.fstat(f.fileno())
-            torn = chunks.torn or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns)
-            digest = "" if torn else chunks.hasher.hexdigest()
+            for chunk in large.take_first():
+                await self._send_frame(session, chunk)
+            if not large.finished:
+                await self._send_rest(session, large)
+            digest = large.digest()
             await self._link.send(session.conn, Seal(session=session.id, digests=(digest,)))
         finally:
-            # Shielded: a session cancelled mid-file (its connection gone) still closes it.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(f.close)
-        if torn:
+            if not large.finished:
+                # Shielded: a session cancelled mid-file (its connection gone) still closes it.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(large.finish)
+        full = root.path / path
+        if not digest:
             logger.info("%s changed while it was read: it goes again next cycle", full)
             self._trigger.paths.setdefault(root.spec.id, set()).add(path)
             return None
         self._local[(root.spec.id, path)] = _Local(size, before.st_mtime_ns, before.st_ino, digest)
-        # In a worker thread, as every index call: a commit can wait seconds for
-        # a busy disk, or for the index's lock held by a thread that does.
-        row = (root.spec.id, path, size, before.st_mtime_ns, before.st_ino, digest)
-        await anyio.to_thread.run_sync(self.index.put_many, [row])
         return (size, digest)
+
+    async def _send_rest(self, session: _SenderSession, large: _LargeRead) -> None:
+        """The chunks of a file larger than its first read, read in a worker thread ahead."""
+        chunks = large.chunks
+        tx, rx = anyio.create_memory_object_stream[bytes](READ_AHEAD)
+
+        async def reader() -> None:
+            async with tx:
+                while chunks.remaining > 0:
+                    for chunk in await anyio.to_thread.run_sync(chunks.take, READ_AHEAD):
+                        await tx.send(chunk)
+
+        async with _task_group() as tg:
+            tg.start_soon(reader)
+            async with rx:
+                async for chunk in rx:
+                    await self._send_frame(session, chunk)
+        await anyio.to_thread.run_sync(large.finish)
 
     # ------------------------------------------------------------------ receiver
 
@@ -1414,6 +1482,71 @@ class _Progress:
                 self.bytes / 1e6,
                 now - self.began,
             )
+
+
+IndexRow = tuple[str, str, int, int, int, str]  # root id, path, size, mtime_ns, ino, digest
+
+
+def _open_large(folder: Path, path: str) -> _LargeRead | None:
+    """Open a large file and read its first chunks (blocks); None if it cannot be opened."""
+    full = folder / path
+    try:
+        f = open(full, "rb")  # noqa: SIM115 - closed by _LargeRead, here or after the sending
+    except OSError as exc:
+        logger.warning("cannot read %s: %s", full, exc)
+        return None
+    try:
+        return _LargeRead(path, f)
+    except BaseException:
+        f.close()
+        raise
+
+
+class _LargeRead:
+    """A large file being sent: opened, its first chunks read, the rest read as they go.
+
+    A file whose first read took it all is closed at once (:attr:`finished`).
+    """
+
+    def __init__(self, path: str, f: BinaryIO) -> None:
+        self.path = path
+        self._f = f
+        self.before = os.fstat(f.fileno())
+        self.size = self.before.st_size
+        self.chunks = _Chunks(f, self.size)
+        self._first = self.chunks.take(READ_AHEAD)
+        self._after: os.stat_result | None = None
+        if self.chunks.remaining == 0:
+            self.finish()
+
+    @property
+    def finished(self) -> bool:
+        return self._after is not None
+
+    def take_first(self) -> list[bytes]:
+        first, self._first = self._first, []
+        return first
+
+    def finish(self) -> None:
+        """Look at the file once more and close it (blocks)."""
+        if self._after is None:
+            try:
+                self._after = os.fstat(self._f.fileno())
+            finally:
+                self._f.close()
+
+    def close(self) -> None:
+        """Close it unsent (blocks, briefly: the file was only read)."""
+        self._f.close()
+
+    def digest(self) -> str:
+        """The content hash, or "" if the file changed while it was read (torn)."""
+        after = self._after
+        same = after is not None and (after.st_size, after.st_mtime_ns) == (
+            self.size,
+            self.before.st_mtime_ns,
+        )
+        return "" if self.chunks.torn or not same else self.chunks.hasher.hexdigest()
 
 
 class _Chunks:

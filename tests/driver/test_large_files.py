@@ -1,0 +1,123 @@
+"""Large files are opened and read ahead of the one being sent; none is left open or lost.
+
+The sender opens the next large files (and reads their first chunks) in a
+worker thread while it streams one: a file that cannot be opened is skipped
+with a warning, and the files opened ahead of a session that ends are closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from memorypair import A_HOST, B_HOST, make_node, tree
+
+from sbs_core.sync import engine
+from sbs_core.sync.direct import MIN_SIZE
+from sbs_core.transport import MemoryNetwork
+
+FILES = 4
+# Larger than the first read: such a file stays open until it is sent.
+STAYS_OPEN = engine.READ_AHEAD * engine.CHUNK + MIN_SIZE
+
+
+def large_files(src: Path, size: int = MIN_SIZE * 2) -> dict[str, bytes]:
+    src.mkdir(parents=True)
+    files = {f"big{i}.bin": os.urandom(size + i) for i in range(FILES)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.anyio
+async def test_a_large_file_that_cannot_be_opened_is_skipped_and_the_others_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    files = large_files(src)
+    real_open = open
+
+    def locked_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "big2.bin":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "open", locked_open, raising=False)
+    network = MemoryNetwork()
+    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
+    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    expected = {name: data for name, data in files.items() if name != "big2.bin"}
+
+    caplog.set_level(logging.WARNING, logger="sbs")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run)
+        tg.start_soon(b.run)
+        with anyio.fail_after(20):
+            while not (dst.exists() and tree(dst) == expected):
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+
+    assert any(
+        "cannot read" in r.getMessage() and "big2.bin" in r.getMessage() for r in caplog.records
+    )
+
+
+@pytest.mark.anyio
+async def test_files_opened_ahead_of_a_session_that_ends_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    files = large_files(src, STAYS_OPEN)
+    opened: list[engine._LargeRead] = []
+    real_open_large = engine._open_large
+
+    def noted_open_large(folder: Path, path: str) -> engine._LargeRead | None:
+        large = real_open_large(folder, path)
+        if large is not None:
+            opened.append(large)
+        return large
+
+    monkeypatch.setattr(engine, "_open_large", noted_open_large)
+    # The first file's sending stops after its first chunks, until the session
+    # ends; meanwhile the opener fills its queue (and waits with one more).
+    real_send_rest = engine.SyncEngine._send_rest
+    held: list[str] = []
+
+    async def send_rest_once_held(
+        self: engine.SyncEngine, session: Any, large: engine._LargeRead
+    ) -> None:
+        if not held:
+            held.append(large.path)
+            await anyio.sleep_forever()
+        await real_send_rest(self, session, large)
+
+    monkeypatch.setattr(engine.SyncEngine, "_send_rest", send_rest_once_held)
+    network = MemoryNetwork()
+    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
+    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run)
+        with anyio.fail_after(10):
+            while a.status().get("role") != "primary":
+                await anyio.sleep(0.01)
+        tg.start_soon(b.run)
+        with anyio.fail_after(20):
+            while not (held and len(opened) == FILES):
+                await anyio.sleep(0.01)
+        assert not any(large.finished for large in opened)  # all open, one held
+        network.break_connections(A_HOST)
+        with anyio.fail_after(10):
+            while any(not large._f.closed for large in opened[:FILES]):
+                await anyio.sleep(0.01)
+        # The pair reconnects, and a later session sends every file after all.
+        with anyio.fail_after(30):
+            while not (dst.exists() and tree(dst) == files):
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+
+    assert all(large._f.closed for large in opened)
