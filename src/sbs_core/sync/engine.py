@@ -107,6 +107,9 @@ HOLD_BYTES = BATCH_BYTES
 REFUSED_ALERT_INTERVAL = 60.0
 # A file the peer could not apply this many cycles in a row is a problem to report.
 RETRY_CYCLES_ALERT = 3
+# A sending session that this node's own disk or folders ended (a full disk, an
+# I/O error) starts again after this many seconds, while the peer is connected.
+SESSION_RESTART_DELAY = 5.0
 INVENTORY_CHUNK = 2000
 SCAN_AHEAD = 16  # groups of candidates a full scan may find ahead of the sending
 # A full scan with more files than this missing from memory reads the folder's
@@ -611,10 +614,26 @@ class SyncEngine:
     async def _run_sender(self, session: _SenderSession) -> None:
         self._watch_settled = anyio.Event()
         self._watch_run.set()  # the watcher starts (see _watch_roots)
+        again = False
         try:
             with session.scope:
-                await self._sender_loop(session)
-        except (LinkClosed, RemoteProtocolError, OSError) as exc:
+                try:
+                    await self._sender_loop(session)
+                except (LinkClosed, RemoteProtocolError):
+                    raise  # ConnectionErrors, so OSErrors too: the link, not this node
+                except (OSError, sqlite3.Error) as exc:
+                    # This node's disk or folders: the link is fine, so the
+                    # replication starts again in a while (detach cancels the wait).
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self.status.last_sync_error = reason
+                    logger.warning("sync session %d ended: %s", session.id, reason)
+                    self._alert_failure(
+                        f"replication stopped on this node: {reason}; it starts again"
+                        f" in {SESSION_RESTART_DELAY:g} s"
+                    )
+                    await anyio.sleep(SESSION_RESTART_DELAY)
+                    again = True
+        except (LinkClosed, RemoteProtocolError) as exc:
             self.status.last_sync_error = f"{type(exc).__name__}: {exc}"
             logger.warning("sync session %d ended: %s", session.id, exc)
         finally:
@@ -622,6 +641,8 @@ class SyncEngine:
             if self._sender is session:
                 self._sender = None
                 self._watch_run.set()  # and stops
+                if again:
+                    self.attach(session.conn)
             session.close()
 
     async def _sender_loop(self, session: _SenderSession) -> None:
