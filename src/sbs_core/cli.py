@@ -206,6 +206,7 @@ def node_status(config: Config) -> dict[str, Any]:
             "port": config.node.port,
             "peer": None,
             "last_error": None,
+            "state_save_error": None,
             "node_id": node_id,
             "pid": None,
             "started_at": None,
@@ -276,6 +277,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):
         lines.append(f"last error {st['last_error']}")
+    if st.get("state_save_error"):
+        lines.append(f"state      not saved: {st['state_save_error']}")
     stalls = st.get("loop_stalls")
     if stalls:
         lines.append(

@@ -209,6 +209,7 @@ class Node:
             sync(self) if sync else SyncEngine(config, link=self, alert=self._sync_alert)
         )
         self._store = StateStore(node.state_dir)
+        self._state_save_error: str | None = None  # the last save of the state failed: why
         self._secret = node.read_secret()
         self._known_sentinels = {s.name for s in config.controller.sentinels}
         self._conns: dict[ConnId, PeerConnection] = {}
@@ -286,6 +287,7 @@ class Node:
             "port": node.port,
             "peer": peer,
             "last_error": st.last_error,
+            "state_save_error": self._state_save_error,
             "pid": os.getpid(),
             "started_at": self._started_wall,
             "version": __version__,
@@ -438,12 +440,44 @@ class Node:
                     assert self._tg is not None
                     self._tg.start_soon(self._final_cycle, conn, reason == "yield")
                 case PersistState(epoch=epoch, role=role, sentinels=sentinels):
-                    self._store.save(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
+                    self._save_state(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
                 case Alert():
                     # A handback is one event for the operator: its own mail says it all.
                     self._alert(action, mail=not (action.kind == "promoted" and handback))
                 case Exit():
                     self._exited = True
+
+    def _save_state(self, state: PersistedState) -> None:
+        """Save the role, epoch and sentinels before acting on them, if the disk lets us.
+
+        A node that cannot save (a full disk) still does its job: a standby that
+        must take over is needed most when things go wrong, and stopping it would
+        leave the pair without a primary. The failure is logged, alerted and in
+        the status until a save succeeds; meanwhile a restart of this node would
+        start from the state saved last.
+        """
+        try:
+            self._store.save(state)
+        except OSError as exc:
+            reason = f"{exc.strerror or exc} ({self._store.state_file})"
+            first = self._state_save_error is None
+            self._state_save_error = reason
+            if first:
+                self._alert(
+                    Alert(
+                        kind="state_not_saved",
+                        message=(
+                            f"cannot save this node's state ({state.role}, epoch {state.epoch}):"
+                            f" {reason}; it runs on, but a restart would start from the state"
+                            " saved last"
+                        ),
+                        level="error",
+                    )
+                )
+            return
+        if self._state_save_error is not None:
+            logger.info("the node's state is saved again (%s)", self._store.state_file)
+            self._state_save_error = None
 
     def _alert(self, alert: Alert, *, mail: bool = True) -> None:
         machine = self.machine

@@ -64,6 +64,7 @@ def test_a_malformed_event_object_is_refused(change: dict[str, object], problem:
 
 def test_which_kinds_send_mail() -> None:
     assert {"promoted", "handback", "split_brain", "replication_failed"} <= MAIL_KINDS
+    assert "state_not_saved" in MAIL_KINDS  # a node that cannot save its state must be heard
     assert {"started", "stopped"} <= MAIL_KINDS
     for quiet in ("peer_lost", "peer_connected", "demoted", "refused", "stale"):
         assert not make_event(quiet).sends_mail
@@ -92,6 +93,7 @@ def test_promotion_subject_names_node_address_role_epoch_and_reason() -> None:
         ("handback", "primary", "handback done, now primary (epoch 4)"),
         ("split_brain", "secondary", "split brain, now secondary (epoch 4)"),
         ("replication_failed", "primary", "replication failed (primary, epoch 4)"),
+        ("state_not_saved", "primary", "cannot save its state (primary, epoch 4)"),
         ("started", "starting", "service started (starting, epoch 4)"),
         ("stopped", "stopped", "service stopped (epoch 4)"),
     ],

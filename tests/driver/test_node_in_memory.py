@@ -8,6 +8,9 @@ handover flush, silence detection) in real time.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from anyio.abc import TaskGroup
 from sbs_core.config import load_config
 from sbs_core.driver import Node
 from sbs_core.lab import write_node_config
+from sbs_core.machine import PersistedState
 from sbs_core.testing import FakeController
 from sbs_core.transport import MemoryNetwork
 
@@ -175,4 +179,43 @@ async def test_wrong_secret_gets_nothing_and_the_primary_keeps_running(tmp_path:
         assert b.node.machine.epoch == 0
         assert b.controller.running_sentinels() == frozenset()
         a.scope.cancel()
+        b.scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_secondary_whose_disk_is_full_still_takes_over_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
+        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
+        await until(lambda: role(a) == "primary")
+        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
+        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        store = b.node._store
+        saved = store.load()
+        real_save = store.save
+
+        def disk_full(state: PersistedState) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store.state_file))
+
+        monkeypatch.setattr(store, "save", disk_full)
+        caplog.set_level(logging.INFO, logger="sbs")
+        a.scope.cancel()  # the primary dies while b's disk is full
+        await until(lambda: role(b) == "primary", timeout=DEAD)
+        await until(lambda: b.controller.running_sentinels() == frozenset(SENTINELS))
+
+        status = b.node.status()
+        assert status["state_save_error"] == f"No space left on device ({store.state_file})"
+        alerts = [r.getMessage() for r in caplog.records if "state_not_saved" in r.getMessage()]
+        assert len(alerts) == 1, alerts
+        assert "epoch 2" in alerts[0]
+        assert store.load() == saved  # the file saved last is intact
+
+        # Space is freed: the next change of state is saved, and the error goes.
+        monkeypatch.setattr(store, "save", real_save)
+        b.node._save_state(PersistedState(epoch=2, role="primary", sentinels=SENTINELS))
+        assert b.node.status()["state_save_error"] is None
+        loaded = store.load()
+        assert loaded is not None
+        assert loaded.epoch == 2
         b.scope.cancel()

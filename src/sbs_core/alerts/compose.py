@@ -87,6 +87,8 @@ def _headline(event: AlertEvent) -> str:
             return f"split brain, now {event.role} ({epoch})"
         case "replication_failed":
             return f"replication failed ({event.role}, {epoch})"
+        case "state_not_saved":
+            return f"cannot save its state ({event.role}, {epoch})"
         case "started":
             return f"service started ({event.role}, {epoch})"
         case "stopped":

@@ -34,7 +34,16 @@ EVENT_FORMAT: Final = 1
 """Version of the JSON form; a notify command can check it."""
 
 MAIL_KINDS: Final[frozenset[str]] = frozenset(
-    ("promoted", "handback", "split_brain", "replication_failed", "started", "stopped", "test")
+    (
+        "promoted",
+        "handback",
+        "split_brain",
+        "replication_failed",
+        "state_not_saved",
+        "started",
+        "stopped",
+        "test",
+    )
 )
 """Kinds that send a mail. The others (a peer connecting or lost, a demotion, a refused
 or stale peer) are logged and given to the notify command only: a demotion after a

@@ -42,6 +42,7 @@ AlertKind = Literal[
     "refused",
     "stale",
     "replication_failed",
+    "state_not_saved",
 ]
 
 PromotionKind = Literal["startup", "takeover", "handover"]
