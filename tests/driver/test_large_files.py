@@ -55,6 +55,9 @@ async def test_a_large_file_that_cannot_be_opened_is_skipped_and_the_others_go(
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
+        with anyio.fail_after(10):
+            while a.status().get("role") != "primary":
+                await anyio.sleep(0.01)
         tg.start_soon(b.run)
         with anyio.fail_after(20):
             while not (dst.exists() and tree(dst) == expected):

@@ -52,6 +52,9 @@ async def test_an_index_that_cannot_be_written_pauses_the_replication_without_en
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
+        with anyio.fail_after(10):
+            while a.status().get("role") != "primary":
+                await anyio.sleep(0.01)
         tg.start_soon(b.run)
         with anyio.fail_after(20):
             while len(failed) < 3:
