@@ -6,6 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
+import anyio
+from anyio.abc import TaskGroup
+
 from sbs_core.config import load_config
 from sbs_core.driver import Node
 from sbs_core.lab import write_node_config
@@ -64,3 +67,12 @@ def tree(root: Path) -> dict[str, bytes]:
                 with contextlib.suppress(FileNotFoundError):
                     found[str(path.relative_to(root))] = path.read_bytes()
     return found
+
+
+async def start_pair(tg: TaskGroup, a: Node, b: Node) -> None:
+    """Run ``a`` until it is primary, then ``b``: started together, either may win."""
+    tg.start_soon(a.run)
+    with anyio.fail_after(10):
+        while a.status().get("role") != "primary":
+            await anyio.sleep(0.01)
+    tg.start_soon(b.run)

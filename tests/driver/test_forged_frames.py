@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import ByteStream, Listener, TaskGroup
-from memorypair import A_HOST, B_HOST, make_node, tree
+from memorypair import A_HOST, B_HOST, make_node, start_pair, tree
 
 from sbs_core.sync.direct import MIN_SIZE
 from sbs_core.transport import MemoryNetwork
@@ -124,11 +124,7 @@ async def test_a_data_frame_changed_on_the_way_costs_the_connection_and_the_next
 
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        with anyio.fail_after(10):
-            while a.status().get("role") != "primary":
-                await anyio.sleep(0.01)
-        tg.start_soon(b.run)
+        await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while not (dst.exists() and tree(dst) == originals == tree(src)):
                 # No copy that differs from its original is ever visible.

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from memorypair import A_HOST, B_HOST, make_node, tree
+from memorypair import A_HOST, B_HOST, make_node, start_pair, tree
 
 from sbs_core.sync import engine
 from sbs_core.sync.direct import MIN_SIZE
@@ -54,11 +54,7 @@ async def test_a_large_file_that_cannot_be_opened_is_skipped_and_the_others_go(
 
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        with anyio.fail_after(10):
-            while a.status().get("role") != "primary":
-                await anyio.sleep(0.01)
-        tg.start_soon(b.run)
+        await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while not (dst.exists() and tree(dst) == expected):
                 await anyio.sleep(0.02)
@@ -104,11 +100,7 @@ async def test_files_opened_ahead_of_a_session_that_ends_are_closed(
     b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        with anyio.fail_after(10):
-            while a.status().get("role") != "primary":
-                await anyio.sleep(0.01)
-        tg.start_soon(b.run)
+        await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while not (held and len(opened) == FILES):
                 await anyio.sleep(0.01)

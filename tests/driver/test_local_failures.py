@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from memorypair import A_HOST, B_HOST, make_node, tree
+from memorypair import A_HOST, B_HOST, make_node, start_pair, tree
 
 from sbs_core.sync import engine
 from sbs_core.sync import index as index_module
@@ -51,11 +51,7 @@ async def test_an_index_that_cannot_be_written_pauses_the_replication_without_en
 
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        with anyio.fail_after(10):
-            while a.status().get("role") != "primary":
-                await anyio.sleep(0.01)
-        tg.start_soon(b.run)
+        await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while len(failed) < 3:
                 errors.add(str(a.status().get("last_sync_error")))

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 import pytest
-from memorypair import make_node, tree
+from memorypair import make_node, start_pair, tree
 
 from sbs_core.sync import index as index_module
 from sbs_core.sync.direct import MIN_SIZE, O_DIRECT
@@ -85,11 +85,7 @@ async def replicate(tmp_path: Path) -> None:
     b = make_node(tmp_path, network, "b", "10.9.0.2", "10.9.0.1")
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        with anyio.fail_after(10):
-            while a.status().get("role") != "primary":
-                await anyio.sleep(0.01)
-        tg.start_soon(b.run)
+        await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while not (dst.exists() and tree(dst) == tree(src)):
                 await anyio.sleep(0.02)
