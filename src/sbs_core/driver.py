@@ -127,7 +127,17 @@ class FileSync(Protocol):
 
     def on_message(self, conn: ConnId, message: SyncMessage) -> None: ...
 
-    def on_data(self, conn: ConnId, payload: DataPayload) -> None: ...
+    def on_data(self, conn: ConnId, payload: DataPayload) -> None:
+        """A data frame from ``conn``, as the peer sent it: still sealed.
+
+        The node's channel hands data frames on unopened (a
+        :class:`~sbs_core.wire.SealedFrame`): call ``open()`` or ``open_into()``
+        before using a byte of it, in any one thread; it raises
+        :class:`~sbs_core.errors.ForgedFrameError` for a frame changed on the
+        way, and the connection should then be dropped. Plain ``bytes`` are
+        already open.
+        """
+        ...
 
     def on_closed(self, conn: ConnId) -> None: ...
 
