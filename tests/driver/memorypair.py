@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -21,16 +22,22 @@ FOLDERS = '\n[[folders]]\npath = "data"\nfilter = "*"\n'
 A_HOST, B_HOST = "10.9.0.1", "10.9.0.2"
 
 
-def make_node(
+def node_in_memory(
     tmp_path: Path,
     network: MemoryNetwork,
     name: str,
     local: str,
     remote: str,
     *,
+    sentinels: tuple[str, ...] = SENTINELS,
     transport: Transport | None = None,
+    **config: Any,
 ) -> Node:
-    """A node replicating ``tmp_path/name/data`` strictly (``transport``: the network's own)."""
+    """A real node on the in-memory network, its configuration in ``tmp_path/name``.
+
+    ``config`` goes to :func:`~sbs_core.lab.write_node_config` (heartbeat,
+    mode, folders ...); ``transport`` replaces the network's own for ``local``.
+    """
     secret = tmp_path / "secret"
     if not secret.exists():
         secret.write_text("s" * 32)
@@ -41,17 +48,38 @@ def make_node(
         remote=remote,
         port=4445,
         secret_file=secret,
-        heartbeat_interval=0.05,
-        dead_time=1.0,
-        node_extra={"strict_sync": True},
         probe_interval=0.1,
-        sentinels={s: ["unused"] for s in SENTINELS},
-        extra=FOLDERS,
+        sentinels={s: ["unused"] for s in sentinels},
+        **config,
     )
     return Node(
         load_config(path),
         transport=transport or network.transport(local),
-        controller=FakeController(SENTINELS),
+        controller=FakeController(sentinels),
+    )
+
+
+def make_node(
+    tmp_path: Path,
+    network: MemoryNetwork,
+    name: str,
+    local: str,
+    remote: str,
+    *,
+    transport: Transport | None = None,
+) -> Node:
+    """A node replicating ``tmp_path/name/data`` strictly (``transport``: the network's own)."""
+    return node_in_memory(
+        tmp_path,
+        network,
+        name,
+        local,
+        remote,
+        transport=transport,
+        heartbeat_interval=0.05,
+        dead_time=1.0,
+        node_extra={"strict_sync": True},
+        extra=FOLDERS,
     )
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import TaskGroup
+from memorypair import node_in_memory
 
-from sbs_core.config import load_config
 from sbs_core.driver import Node
-from sbs_core.lab import write_node_config
 from sbs_core.machine import PersistedState
 from sbs_core.testing import FakeController
 from sbs_core.transport import MemoryNetwork
@@ -45,27 +44,18 @@ async def pair_in_memory(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[MemoryNetwork, Callable[..., Node]]]:
     network = MemoryNetwork()
-    secret = tmp_path / "secret"
-    secret.write_text("s" * 32)
 
     def make(name: str, local: str, remote: str, *, mode: str = "auto") -> Node:
-        path = write_node_config(
-            tmp_path / name,
-            name=name,
-            local=local,
-            remote=remote,
-            port=4445,
-            secret_file=secret,
+        return node_in_memory(
+            tmp_path,
+            network,
+            name,
+            local,
+            remote,
+            sentinels=SENTINELS,
             mode=mode,
             heartbeat_interval=HB,
             dead_time=DEAD,
-            probe_interval=0.1,
-            sentinels={s: ["unused"] for s in SENTINELS},
-        )
-        return Node(
-            load_config(path),
-            transport=network.transport(local),
-            controller=FakeController(SENTINELS),
         )
 
     yield network, make
