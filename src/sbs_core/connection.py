@@ -146,9 +146,13 @@ class PeerConnection:
 
     def break_off(self, reason: str) -> None:
         """Close the connection because the peer broke the protocol (found out elsewhere)."""
-        logger.warning("peer %s broke the protocol: %s", self.peer_host, reason)
-        self._broken = f"protocol error: {reason}"
+        self._broken = self._broke(reason)
         self.close()
+
+    def _broke(self, reason: object) -> str:
+        """Log that the peer broke the protocol; the connection's end reason."""
+        logger.warning("peer %s broke the protocol: %s", self.peer_host, reason)
+        return f"protocol error: {reason}"
 
     def close(self, last_words: Message | None = None) -> None:
         """Send ``last_words`` (urgent frames already queued go first), then close."""
@@ -248,8 +252,7 @@ class PeerConnection:
                         case _:
                             pass
             except ProtocolError as exc:
-                logger.warning("peer %s broke the protocol: %s", self.peer_host, exc)
-                return f"protocol error: {exc}"
+                return self._broke(exc)
             if data is None:
                 return "closed by the peer"
 
