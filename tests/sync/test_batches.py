@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,6 +104,34 @@ def test_held_frames_are_cut_into_each_files_exact_bytes(sizes: list[int], cuts:
     frames[len(frames) // 2 : len(frames) // 2] = [b""]
 
     pieces = [bytes(p) for p in engine._cut(frames, sizes)]
+
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert pieces == [data[a : a + n] for a, n in zip(starts, sizes, strict=True)]
+
+
+@settings(max_examples=300)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3000), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=120_000), max_size=10),
+)
+def test_held_frames_opened_one_after_the_other_into_one_buffer_cut_the_same(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    # As the receiver opens a held batch: every frame into the same buffer,
+    # each overwriting the one before as soon as the next piece is asked for.
+    data = bytes(i % 251 for i in range(sum(sizes)))
+    edges = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    frames = [data[a:b] for a, b in itertools.pairwise(edges)]
+    buffer = bytearray(max(map(len, frames), default=0))
+
+    def opened() -> Iterator[memoryview]:
+        for frame in frames:
+            buffer[:] = bytes(len(buffer))  # what the frame before left is gone
+            payload = memoryview(buffer)[: len(frame)]
+            payload[:] = frame
+            yield payload
+
+    pieces = [bytes(p) for p in engine._cut(opened(), sizes)]
 
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     assert pieces == [data[a : a + n] for a, n in zip(starts, sizes, strict=True)]
