@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import hashlib
 import math
+import mmap
 import os
 import random
 import re
@@ -81,6 +82,12 @@ PROBE_SIZE = 4096
 # probed again every PROBE_RETRY s, for at most --disk-wait s.
 PROBE_USUAL = 1.0
 PROBE_RETRY = 30.0
+# The write probe (Context.probe_persist): how fast this disk makes data
+# durable right now. A durable copy waits for every byte to reach the disk,
+# whatever the tool; rsync (no fsync) leaves its copy in the caches. The set's
+# size at that speed gives the durable figures their scale (not a bound: the
+# disk's speed moves between runs by more than the probe can tell).
+PERSIST_BYTES = 256 * MIB
 # Lets a's start-up work (sentinel processes, file watches) finish before b's
 # start is timed: the figure is a secondary joining a running primary.
 PRIMARY_SETTLE = 1.0
@@ -418,6 +425,7 @@ class SetResult:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     probes: list[float] = field(default_factory=list)  # probe_disk before and after the runs
+    persist: list[float] = field(default_factory=list)  # probe_persist (bytes/s), the same
     disk_waited: float = 0.0  # seconds waited for a slow disk before the runs
 
     def series(self, variant: str, key: str) -> Series:
@@ -683,6 +691,35 @@ class Context:
         self.settle()
         return took
 
+    def probe_persist(self) -> float:
+        """Bytes per second this disk makes durable: PERSIST_BYTES written, then fsync.
+
+        Written in 1 MiB blocks with O_DIRECT where the filesystem takes it (as
+        sbs writes large files), so the page cache neither helps nor costs; the
+        fsync waits for whatever the disk (or the host under a virtual disk)
+        still holds. Put aside like a run's copy.
+        """
+        path = self.work / f"persist-{time.monotonic_ns()}"
+        block = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
+        block.write(random.Random(PERSIST_BYTES).randbytes(MIB))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        began = time.perf_counter()
+        try:
+            fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+        except OSError:  # a filesystem without O_DIRECT
+            fd = os.open(path, flags, 0o644)
+        try:
+            for _ in range(PERSIST_BYTES // MIB):
+                os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            block.close()
+        took = time.perf_counter() - began
+        self.discard(path)
+        self.settle()
+        return PERSIST_BYTES / took
+
     def keep_logs(self, pair: Pair, tag: str) -> None:
         if self.logs is None:
             return
@@ -756,6 +793,8 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     try:
         ctx.settle()
         res.probes.append(wait_for_disk(ctx, res))
+        res.persist.append(ctx.probe_persist())
+        say(f"  write probe: {res.persist[-1] / MB:.0f} MB/s made durable")
         for index in range(ctx.runs):
             if time.monotonic() > ctx.deadline:
                 res.failures.append(f"runs {index + 1}-{ctx.runs} not run: time budget spent")
@@ -765,6 +804,8 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
         res.probes.append(ctx.probe_disk())
         say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
+        res.persist.append(ctx.probe_persist())
+        say(f"  write probe: {res.persist[-1] / MB:.0f} MB/s made durable")
         if ds.name == "small" and time.monotonic() <= ctx.deadline:
             steady = measure_steady(ctx, ds, data)
     finally:
@@ -921,6 +962,13 @@ def add_set_notes(res: SetResult) -> None:
             f"{res.ds.name}: the disk probe ({PROBE_FILES:,} files of {PROBE_SIZE // 1024} KiB "
             f"created in one process, no sync) took {shown} before and after the runs{waited}."
         )
+    if res.persist:
+        shown = " and ".join(f"{p / MB:.0f} MB/s" for p in res.persist)
+        res.notes.append(
+            f"{res.ds.name}: the write probe ({PERSIST_BYTES // MIB} MiB written with O_DIRECT "
+            f"in 1 MiB blocks, then fsync) made data durable at {shown} before and after the "
+            "runs; the durable rows show the set's size at the faster of them, for scale."
+        )
     for variant in VARIANTS:
         runs = res.sbs[variant]
         cycles = [r.first_cycle for r in runs if r.first_cycle is not None]
@@ -954,7 +1002,7 @@ def set_rows(res: SetResult) -> list[Row]:
     target = TARGET_RATIO[name]
     rows: list[Row] = []
     ref = res.rsync.text()
-    for variant in VARIANTS:
+    for variant, durable in VARIANTS.items():
         runs = res.sbs[variant]
         joined = res.series(variant, "from_connected")
         text, ratio = ratio_text(joined, res.rsync, res.ratios[variant])
@@ -968,6 +1016,17 @@ def set_rows(res: SetResult) -> list[Row]:
                 None if ratio is None else ratio <= target,
             )
         )
+        if durable and res.persist and res.rsync.median:
+            at_speed = res.ds.total / max(res.persist)
+            rows.append(
+                Row(
+                    "↳ for scale: the set's size at the disk's durable write speed (write probe)",
+                    f"{at_speed:.3f} s",
+                    f"rsync {ref} (no fsync)",
+                    f"{at_speed / res.rsync.median:.2f}x",
+                    None,
+                )
+            )
         started = res.series(variant, "from_start")
         text, _ = ratio_text(started, res.rsync, Series())
         rows.append(Row("↳ from b's process start", started.text(), f"rsync {ref}", text, None))
