@@ -104,18 +104,20 @@ class TamperingTransport:
         return TamperedListener(await self._inner.listen(host, port), self._tamperer)
 
 
-@pytest.mark.anyio
-async def test_a_data_frame_changed_on_the_way_costs_the_connection_and_the_next_one_carries_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def replicate_through(
+    tmp_path: Path, tamperer: Tamperer, originals: dict[str, bytes]
+) -> list[str]:
+    """Replicate ``originals`` from a, whose sends pass ``tamperer``, until b holds them.
+
+    Returns the files b ever showed with other bytes than their original's.
+    """
     src = tmp_path / "a" / "data"
     dst = tmp_path / "b" / "data"
     src.mkdir(parents=True)
-    originals = {f"big{i}.bin": os.urandom(MIN_SIZE * 3 + i) for i in range(2)}
     for name, data in originals.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(data)
     network = MemoryNetwork()
-    tamperer = Tamperer()
     a = make_node(
         tmp_path,
         network,
@@ -126,26 +128,42 @@ async def test_a_data_frame_changed_on_the_way_costs_the_connection_and_the_next
     )
     b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
     wrong: list[str] = []
-
-    caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
         await start_pair(tg, a, b)
         with anyio.fail_after(20):
             while not (dst.exists() and tree(dst) == originals == tree(src)):
-                # No copy that differs from its original is ever visible.
                 wrong += [p for p, data in tree(dst).items() if originals[p] != data]
-                await anyio.sleep(0.01)
+                await anyio.sleep(0.005)
         tg.cancel_scope.cancel()
+    return wrong
 
+
+def assert_one_frame_changed_and_caught(
+    tamperer: Tamperer, wrong: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The frame was changed, b never showed a wrong byte, and it dropped the connection once."""
     assert tamperer.done
     assert wrong == []
     broke = [r.getMessage() for r in caplog.records if "broke the protocol" in r.getMessage()]
     assert broke == [f"peer {A_HOST} broke the protocol: frame failed its integrity check"]
+
+
+@pytest.mark.anyio
+async def test_a_data_frame_changed_on_the_way_costs_the_connection_and_the_next_one_carries_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    originals = {f"big{i}.bin": os.urandom(MIN_SIZE * 3 + i) for i in range(2)}
+    tamperer = Tamperer()
+    caplog.set_level(logging.WARNING, logger="sbs")
+
+    wrong = await replicate_through(tmp_path, tamperer, originals)
+
+    assert_one_frame_changed_and_caught(tamperer, wrong, caplog)
     # The secondary takes a connection it dropped for a lost primary, as it does
     # when the channel itself finds a forged frame: it takes over, and the pair
     # settles it as a split brain. Nothing is lost either way.
     assert any("protocol error: frame failed" in r.getMessage() for r in caplog.records)
-    assert tree(src) == originals
+    assert tree(tmp_path / "a" / "data") == originals
 
 
 @pytest.mark.anyio
@@ -157,39 +175,15 @@ async def test_a_changed_frame_inside_a_held_batch_of_small_files_costs_the_conn
     # are written: the second is changed on the way, so files cut from the
     # first are written before the change is found. The connection goes, no
     # file ever shows a wrong byte, and nothing of the first try is left.
-    src = tmp_path / "a" / "data"
-    dst = tmp_path / "b" / "data"
     originals = {f"d{i % 4}/f{i:03}.lab": os.urandom(20_000 + 157 * i) for i in range(FIRST_FILES)}
-    for name, data in originals.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_bytes(data)
-    network = MemoryNetwork()
     tamperer = Tamperer(skip=1)
-    a = make_node(
-        tmp_path,
-        network,
-        "a",
-        A_HOST,
-        B_HOST,
-        transport=TamperingTransport(network.transport(A_HOST), tamperer),
-    )
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
-    wrong: list[str] = []
-
     caplog.set_level(logging.WARNING, logger="sbs")
-    async with anyio.create_task_group() as tg:
-        await start_pair(tg, a, b)
-        with anyio.fail_after(20):
-            while not (dst.exists() and tree(dst) == originals):
-                wrong += [p for p, data in tree(dst).items() if originals[p] != data]
-                await anyio.sleep(0.005)
-        tg.cancel_scope.cancel()
 
-    assert tamperer.done
-    assert wrong == []
-    broke = [r.getMessage() for r in caplog.records if "broke the protocol" in r.getMessage()]
-    assert broke == [f"peer {A_HOST} broke the protocol: frame failed its integrity check"]
+    wrong = await replicate_through(tmp_path, tamperer, originals)
+
+    assert_one_frame_changed_and_caught(tamperer, wrong, caplog)
     # Nothing of the first try is left behind: no temporary file, no hidden folder.
+    dst = tmp_path / "b" / "data"
     assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
         Path(n).name for n in originals
     )
