@@ -660,8 +660,9 @@ class Context:
         Every run's copy is kept until the end, so a few sets fill the memory
         with cached copies, and every later run's page allocations wait for
         reclaim (on the machine measured: 1 GB free of 24, memory pressure
-        stalls during the runs, and both tools a second slower). Each set
-        starts with the cache empty instead, before its data is generated.
+        stalls during the runs, and the same code measured slower than in an
+        earlier run). Each set starts with the cache empty instead, before its
+        data is generated.
         """
         os.sync()
         try:
@@ -813,8 +814,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     try:
         ctx.settle()
         res.probes.append(wait_for_disk(ctx, res))
-        res.persist.append(ctx.probe_persist())
-        say(f"  write probe: {res.persist[-1] / MB:.0f} MB/s made durable")
+        probe_writes(ctx, res)
         for index in range(ctx.runs):
             if time.monotonic() > ctx.deadline:
                 res.failures.append(f"runs {index + 1}-{ctx.runs} not run: time budget spent")
@@ -824,8 +824,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
         res.probes.append(ctx.probe_disk())
         say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
-        res.persist.append(ctx.probe_persist())
-        say(f"  write probe: {res.persist[-1] / MB:.0f} MB/s made durable")
+        probe_writes(ctx, res)
         if ds.name == "small" and time.monotonic() <= ctx.deadline:
             steady = measure_steady(ctx, ds, data)
     finally:
@@ -969,6 +968,11 @@ def wait_for_disk(ctx: Context, res: SetResult) -> float:
         took = ctx.probe_disk()
         ctx.say(f"  disk probe: {PROBE_FILES:,} files created in {took:.2f} s")
     return took
+
+
+def probe_writes(ctx: Context, res: SetResult) -> None:
+    res.persist.append(ctx.probe_persist())
+    ctx.say(f"  write probe: {res.persist[-1] / MB:.0f} MB/s made durable")
 
 
 def add_set_notes(res: SetResult) -> None:
