@@ -59,7 +59,7 @@ from sbs_core.sync.apply import (
     deletion_allowed,
     identity_of,
 )
-from sbs_core.sync.index import HashIndex
+from sbs_core.sync.index import HashIndex, IndexRow
 from sbs_core.sync.paths import UnsafePathError
 from sbs_core.sync.roots import (
     LocalRoot,
@@ -1249,8 +1249,16 @@ class SyncEngine:
                         sent[large.path] = result
                         size, digest = result
                         before = large.before
-                        row = (root.spec.id, large.path, size, before.st_mtime_ns, before.st_ino)
-                        rows.append((*row, digest))
+                        rows.append(
+                            IndexRow(
+                                root.spec.id,
+                                large.path,
+                                size,
+                                before.st_mtime_ns,
+                                before.st_ino,
+                                digest,
+                            )
+                        )
                         if len(rows) >= INDEX_ROWS:
                             await self._note_sent(rows)
                             rows = []
@@ -1503,9 +1511,6 @@ class _Progress:
                 self.bytes / 1e6,
                 now - self.began,
             )
-
-
-IndexRow = tuple[str, str, int, int, int, str]  # root id, path, size, mtime_ns, ino, digest
 
 
 def _open_large(folder: Path, path: str) -> _LargeRead | None:
