@@ -91,3 +91,48 @@ def test_the_administrators_own_setting_wins() -> None:
 def test_nothing_is_set_outside_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "win32")
     assert memory.keep_freed_memory() is False
+
+
+# A fresh interpreter imports what a node runs, freezes, then makes garbage of
+# its own: a full collection must no longer visit the start-up objects, and
+# must still free a reference cycle made afterwards.
+_FREEZE_PROBE = """
+import gc, json, weakref
+import sbs_core.driver
+from sbs_core.memory import freeze_startup_objects
+
+class Node:
+    pass
+
+before = Node()
+tracked = len(gc.get_objects())
+frozen = freeze_startup_objects()
+cycle = Node()
+cycle.me = cycle
+gone = weakref.ref(cycle)
+del cycle
+gc.collect()
+print(json.dumps({
+    "tracked": tracked,
+    "frozen": frozen,
+    "left": len(gc.get_objects()),
+    "before_visited": any(o is before for o in gc.get_objects()),
+    "cycle_freed": gone() is None,
+}))
+"""
+
+
+def test_start_up_objects_are_frozen_and_later_garbage_still_collected() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FREEZE_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = json.loads(done.stdout)
+
+    assert found["frozen"] > 10_000  # the modules of a node: tens of thousands
+    assert found["left"] < found["tracked"] // 10  # a full collection visits few now
+    assert found["before_visited"] is False
+    assert found["cycle_freed"] is True

@@ -32,7 +32,7 @@ from sbs_core.errors import ConfigError, ControlError, SbsError
 from sbs_core.licence import LicenceError, gate_for
 from sbs_core.logs import logging_off_the_loop
 from sbs_core.loopwatch import LoopWatch
-from sbs_core.memory import keep_freed_memory
+from sbs_core.memory import freeze_startup_objects, keep_freed_memory
 from sbs_core.state import StateStore, write_atomically
 
 __all__ = ("main",)
@@ -152,6 +152,8 @@ async def _run_node(config: Config) -> None:
     from sbs_core.driver import Node, install_signal_handlers  # noqa: PLC0415 - see top
 
     node = Node(config, gate=gate_for(config))
+    frozen = freeze_startup_objects()  # the node's lifetime objects (sbs_core.memory)
+    logging.getLogger("sbs").debug("%d start-up objects left out of garbage collection", frozen)
     async with anyio.create_task_group() as tg:
         install_signal_handlers(node, tg)
         await node.run()

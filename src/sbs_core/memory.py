@@ -1,4 +1,4 @@
-"""A node's process asks the C allocator to keep freed memory for reuse (glibc, Linux).
+"""How a node's process manages its memory: the C allocator's and the garbage collector's.
 
 Replication allocates and frees buffers of about 1 MiB many times a second:
 each file read, each sealed or opened frame, each joined batch. With glibc's
@@ -14,15 +14,25 @@ peak resident size 11 MB higher (77 MB against 66 MB).
 
 An administrator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``
 (glibc's environment variables) wins; another C library is left as it is.
+
+:func:`freeze_startup_objects` moves what the node made before it runs (the
+modules, the configuration, the node itself: some 40,000 objects) out of
+Python's garbage collector's reach. Its full collections went through all of
+them each time; during the first sync of the "small" benchmark they cost the
+primary 0.23 s (4 collections, 58 ms each, the event loop stopped for each)
+and the secondary 0.10 s (2 collections); with them frozen, 0.03 s and
+0.02 s. Nothing frozen is ever freed, which is what a node's lifetime objects
+are anyway; cyclic garbage made later is collected as before.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
-__all__ = ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory")
+__all__ = ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze_startup_objects", "keep_freed_memory")
 
 MMAP_THRESHOLD = 16 * 1024 * 1024
 """Larger allocations are mapped on their own (and unmapped when freed)."""
@@ -50,3 +60,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def freeze_startup_objects() -> int:
+    """Collect what is garbage now, then freeze the rest (see the module); how many froze."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
