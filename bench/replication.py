@@ -421,6 +421,7 @@ class SetResult:
     sbs: dict[str, list[SyncRun]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
     rsync: Series = field(default_factory=Series)
     rsync_cpu: Series = field(default_factory=Series)
+    copier: Series = field(default_factory=Series)  # run_copier, once a round
     ratios: dict[str, Series] = field(default_factory=lambda: {v: Series() for v in VARIANTS})
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -773,6 +774,46 @@ def run_sbs(
             raise RunFailed(f"the data set did not come back to {data}")
 
 
+# The issue's second reference: a plain Python copier in one process, no
+# hashing, no fsync, no network: walk, read, write, set the mtime (as rsync -a).
+_COPIER = """
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+for folder, _, names in os.walk(src):
+    into = os.path.join(dst, os.path.relpath(folder, src))
+    os.makedirs(into, exist_ok=True)
+    for name in names:
+        source, target = os.path.join(folder, name), os.path.join(into, name)
+        with open(source, "rb") as f, open(target, "wb") as g:
+            while block := f.read(1 << 20):
+                g.write(block)
+        info = os.stat(source)
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+"""
+
+
+def run_copier(ctx: Context, ds: DataSet, data: Path, into: Path) -> tuple[float, float]:
+    """The plain copier from ``data`` into the empty ``into``: seconds from start to exit, CPU."""
+    before = _children_cpu()
+    began = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _COPIER, str(data), str(into)],
+            capture_output=True,
+            timeout=sync_timeout(ds),
+            check=False,
+        )
+        took = time.monotonic() - began
+        if done.returncode != 0:
+            raise RunFailed(f"copier exited with {done.returncode}: {done.stderr.decode()[-300:]}")
+        found = scan(into)
+        if found != (ds.count, ds.total):
+            raise RunFailed(f"copier left {found} (files, bytes), not {(ds.count, ds.total)}")
+        return took, _children_cpu() - before
+    finally:
+        ctx.discard(into)
+
+
 def run_rsync(
     ctx: Context, ds: DataSet, data: Path, daemon: RsyncDaemon, *, verify: bool
 ) -> tuple[float, float]:
@@ -792,7 +833,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     res = SetResult(ds)
     say = ctx.say
     # Every run's copy stays until the end (Context.discard).
-    need = (2 * len(VARIANTS) * ctx.runs + 2) * ds.total + 512 * MIB
+    need = ((2 * len(VARIANTS) + 1) * ctx.runs + 2) * ds.total + 512 * MIB
     free = shutil.disk_usage(ctx.work).free
     if free < need:
         res.failures.append(
@@ -822,6 +863,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
                 break
             for variant in VARIANTS:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
+            one_copier_run(ctx, res, data, folder / f"copier-{index + 1}")
         res.probes.append(ctx.probe_disk())
         say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
         probe_writes(ctx, res)
@@ -876,6 +918,21 @@ def one_pair_of_runs(
         say(
             f"  rsync {'':26} run {len(res.rsync.values)}: {took:7.3f} s, CPU {cpu:.2f} s"
             f"{shown}; {load_line()}"
+        )
+    ctx.settle()
+
+
+def one_copier_run(ctx: Context, res: SetResult, data: Path, into: Path) -> None:
+    try:
+        took, cpu = run_copier(ctx, res.ds, data, into)
+    except (RunFailed, OSError, subprocess.TimeoutExpired) as exc:
+        res.failures.append(f"plain copier {into.name}: {exc}".splitlines()[0])
+        ctx.say(f"  plain copier: FAILED {exc}")
+    else:
+        res.copier.add(took)
+        ctx.say(
+            f"  plain Python copier {'':14} run {len(res.copier.values)}: {took:7.3f} s, "
+            f"CPU {cpu:.2f} s; {load_line()}"
         )
     ctx.settle()
 
@@ -1059,6 +1116,17 @@ def set_rows(res: SetResult) -> list[Row]:
         started = res.series(variant, "from_start")
         text, _ = ratio_text(started, res.rsync, Series())
         rows.append(Row("↳ from b's process start", started.text(), f"rsync {ref}", text, None))
+        if res.copier.values:
+            text, _ = ratio_text(joined, res.copier, Series())
+            rows.append(
+                Row(
+                    "↳ against a plain Python copier (one process, no network, hash or fsync)",
+                    joined.text(),
+                    f"copier {res.copier.text()}, {len(res.copier.values)} runs",
+                    text,
+                    None,
+                )
+            )
         cpu = res.series(variant, "cpu")
         text, _ = ratio_text(cpu, res.rsync_cpu, Series())
         rows.append(
@@ -1247,7 +1315,10 @@ def method(runs: int, pause: float) -> str:
         "loopback, timed from its process start to its exit, on the very same source "
         "files. rsync does not flush to disk; sbs does with `durable_writes = true` (the "
         "default: one `syncfs` per batch). Runs alternate sbs (durable), rsync, sbs (not "
-        f"durable), rsync, {runs} rounds; after every run the written copy is moved aside "
+        f"durable), rsync, then the issue's second reference, a plain Python copier "
+        "(one process walks the source and copies each file in 1 MiB reads and writes, "
+        "setting its mtime: no network, no hash, no fsync), "
+        f"{runs} rounds; after every run the written copy is moved aside "
         "(all copies are deleted only once every set is done: on this ext4 file system, "
         "files created within minutes of a mass deletion are several times slower to "
         f"create, for either tool), then `sync` and a {pause:g} s pause. The ratio is "
