@@ -124,7 +124,7 @@ async def test_large_files_go_in_groups_and_one_torn_in_a_group_goes_again(
 ) -> None:
     src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
     src.mkdir(parents=True)
-    # Six files of 1 MiB and a bit: four fit the first read of a group, two the next.
+    # Six files of just under 1 MiB: four fit the first reads of a group (4 MiB), two the next.
     files = {f"mid{i}.bin": os.urandom(engine.CHUNK - 4096 + i) for i in range(6)}
     for name, data in files.items():
         (src / name).write_bytes(data)
