@@ -5,10 +5,12 @@ For each data set (generated from a fixed seed), it times, alternating the tools
 1. initial sync: a (primary) holds the data, b starts empty; from b's connection
    (and from b's process start) until b's folder matches, with
    ``durable_writes`` on and off; the reference is ``rsync -a --delete`` into an
-   rsync daemon on 127.0.0.1, run from its process start to its exit;
+   rsync daemon on 127.0.0.1, run from its process start to its exit, and once a
+   round a plain Python copier (one process; no network, hash or fsync), shown
+   for information;
 2. incremental ("small" only): 10 files changed on the primary -> all 10
    byte-identical on the secondary;
-3. idle CPU ("small" only): both nodes over 60 s with nothing changing;
+3. idle CPU ("small" only): both nodes over 310 s with nothing changing;
 4. peak memory (VmHWM) of both nodes while replicating "small" and "large";
 5. heartbeats during the transfers: ``peer.longest_silence`` on both nodes, and
    no takeover (roles and epochs unchanged); each run's line also shows each
