@@ -1537,20 +1537,21 @@ def _open_group(
 ) -> tuple[list[_LargeRead], int, list[int]]:
     """Open ``todo``'s files from ``start`` on, reading their first chunks (blocks).
 
-    Stops before a file whose first read would take the group past READ_AHEAD
-    chunks (a group has one file at least), or at GROUP_FILES. Returns the
-    group, where the next one starts, and the scanned sizes of the files that
-    could not be opened (skipped, and logged).
+    Stops before a file whose first read (by its scanned size) would take the
+    group past READ_AHEAD chunks (a group has one file at least), or at
+    GROUP_FILES. Returns the group, where the next one starts, and the scanned
+    sizes of the files that could not be opened (skipped, and logged).
     """
     group: list[_LargeRead] = []
     missing: list[int] = []
     budget = READ_AHEAD * CHUNK
+    taken = 0  # the group's first reads, from the scanned sizes
     index = start
     try:
         while index < len(todo) and len(group) < GROUP_FILES:
             path, st = todo[index]
             first = min(st.size, budget)
-            if group and first > budget - sum(large.read_first for large in group):
+            if group and taken + first > budget:
                 break
             index += 1
             large = _open_large(folder, path)
@@ -1558,6 +1559,7 @@ def _open_group(
                 missing.append(st.size)
             else:
                 group.append(large)
+                taken += first
     except BaseException:
         _close_all(group)
         raise
@@ -1606,7 +1608,6 @@ class _LargeRead:
         self.size = self.before.st_size
         self.chunks = _Chunks(f, self.size)
         self._first = self.chunks.take(READ_AHEAD)
-        self.read_first = sum(len(chunk) for chunk in self._first)
         self._after: os.stat_result | None = None
         if self.chunks.remaining == 0:
             self.finish()
