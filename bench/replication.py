@@ -6,8 +6,9 @@ For each data set (generated from a fixed seed), it times, alternating the tools
    (and from b's process start) until b's folder matches, with
    ``durable_writes`` on and off; the reference is ``rsync -a --delete`` into an
    rsync daemon on 127.0.0.1, run from its process start to its exit, and once a
-   round a plain Python copier (one process; no network, hash or fsync), shown
-   for information;
+   round a plain Python copier (one process; no network, hash or fsync), and
+   the same copier followed by one ``sync`` (the set made durable, the least a
+   durable copy costs on this disk), shown for information;
 2. incremental ("small" only): 10 files changed on the primary -> all 10
    byte-identical on the secondary;
 3. idle CPU ("small" only): both nodes over 310 s with nothing changing;
@@ -424,6 +425,7 @@ class SetResult:
     rsync: Series = field(default_factory=Series)
     rsync_cpu: Series = field(default_factory=Series)
     copier: Series = field(default_factory=Series)  # run_copier, once a round
+    copier_synced: Series = field(default_factory=Series)  # run_copier(synced=True), the same
     ratios: dict[str, Series] = field(default_factory=lambda: {v: Series() for v in VARIANTS})
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -778,6 +780,8 @@ def run_sbs(
 
 # The issue's second reference: a plain Python copier in one process, no
 # hashing, no fsync, no network: walk, read, write, set the mtime (as rsync -a).
+# With a third argument it ends with one sync: the set made durable in the
+# cheapest way there is (no fsync per file), the floor for the durable rows.
 _COPIER = """
 import os, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -791,16 +795,23 @@ for folder, _, names in os.walk(src):
                 g.write(block)
         info = os.stat(source)
         os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+if len(sys.argv) > 3:
+    os.sync()
 """
 
 
-def run_copier(ctx: Context, ds: DataSet, data: Path, into: Path) -> tuple[float, float]:
-    """The plain copier from ``data`` into the empty ``into``: seconds from start to exit, CPU."""
+def run_copier(
+    ctx: Context, ds: DataSet, data: Path, into: Path, *, synced: bool = False
+) -> tuple[float, float]:
+    """The plain copier from ``data`` into the empty ``into``: seconds from start to exit, CPU.
+
+    ``synced``: it ends with one ``sync``, which it waits for.
+    """
     before = _children_cpu()
     began = time.monotonic()
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _COPIER, str(data), str(into)],
+            [sys.executable, "-c", _COPIER, str(data), str(into), *(["sync"] if synced else [])],
             capture_output=True,
             timeout=sync_timeout(ds),
             check=False,
@@ -835,7 +846,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
     res = SetResult(ds)
     say = ctx.say
     # Every run's copy stays until the end (Context.discard).
-    need = ((2 * len(VARIANTS) + 1) * ctx.runs + 2) * ds.total + 512 * MIB
+    need = ((2 * len(VARIANTS) + 2) * ctx.runs + 2) * ds.total + 512 * MIB
     free = shutil.disk_usage(ctx.work).free
     if free < need:
         res.failures.append(
@@ -866,6 +877,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
             for variant in VARIANTS:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
             one_copier_run(ctx, res, data, folder / f"copier-{index + 1}")
+            one_copier_run(ctx, res, data, folder / f"copier-synced-{index + 1}", synced=True)
         res.probes.append(ctx.probe_disk())
         say(f"  disk probe: {PROBE_FILES:,} files created in {res.probes[-1]:.2f} s")
         probe_writes(ctx, res)
@@ -924,17 +936,20 @@ def one_pair_of_runs(
     ctx.settle()
 
 
-def one_copier_run(ctx: Context, res: SetResult, data: Path, into: Path) -> None:
+def one_copier_run(
+    ctx: Context, res: SetResult, data: Path, into: Path, *, synced: bool = False
+) -> None:
+    name = "plain Python copier" + (", then sync" if synced else "")
     try:
-        took, cpu = run_copier(ctx, res.ds, data, into)
+        took, cpu = run_copier(ctx, res.ds, data, into, synced=synced)
     except (RunFailed, OSError, subprocess.TimeoutExpired) as exc:
-        res.failures.append(f"plain copier {into.name}: {exc}".splitlines()[0])
-        ctx.say(f"  plain copier: FAILED {exc}")
+        res.failures.append(f"{name} {into.name}: {exc}".splitlines()[0])
+        ctx.say(f"  {name}: FAILED {exc}")
     else:
-        res.copier.add(took)
+        series = res.copier_synced if synced else res.copier
+        series.add(took)
         ctx.say(
-            f"  plain Python copier {'':14} run {len(res.copier.values)}: {took:7.3f} s, "
-            f"CPU {cpu:.2f} s; {load_line()}"
+            f"  {name:33} run {len(series.values)}: {took:7.3f} s, CPU {cpu:.2f} s; {load_line()}"
         )
     ctx.settle()
 
@@ -1129,6 +1144,18 @@ def set_rows(res: SetResult) -> list[Row]:
                     None,
                 )
             )
+        if durable and res.copier_synced.values:
+            text, _ = ratio_text(joined, res.copier_synced, Series())
+            rows.append(
+                Row(
+                    "↳ against the same copier followed by one sync (the set made durable)",
+                    joined.text(),
+                    f"copier + sync {res.copier_synced.text()},"
+                    f" {len(res.copier_synced.values)} runs",
+                    text,
+                    None,
+                )
+            )
         cpu = res.series(variant, "cpu")
         text, _ = ratio_text(cpu, res.rsync_cpu, Series())
         rows.append(
@@ -1319,8 +1346,9 @@ def method(runs: int, pause: float) -> str:
         "default: one `syncfs` per batch). Runs alternate sbs (durable), rsync, sbs (not "
         f"durable), rsync, then the issue's second reference, a plain Python copier "
         "(one process walks the source and copies each file in 1 MiB reads and writes, "
-        "setting its mtime: no network, no hash, no fsync), "
-        f"{runs} rounds; after every run the written copy is moved aside "
+        "setting its mtime: no network, no hash, no fsync) and the same copier followed by "
+        "one `sync`, the cheapest way to make the set durable (its row is shown under the "
+        f"durable one), {runs} rounds; after every run the written copy is moved aside "
         "(all copies are deleted only once every set is done: on this ext4 file system, "
         "files created within minutes of a mass deletion are several times slower to "
         f"create, for either tool), then `sync` and a {pause:g} s pause. The ratio is "
