@@ -8,16 +8,25 @@ the :class:`~sbs_core.machine.RoleMachine` and carries out what it returns.
 
 Only the main loop changes the machine (others only read it). Events are stamped with the time they
 are *handled*, so the machine's clock never goes backwards.
+
+The node's state is saved (an fsync) in a worker thread, never on the event
+loop: a busy disk can hold a save for seconds (4 s measured here while another
+program wrote 3 GB), longer than ``dead_time``. What the machine asked for
+after a save waits for it, in order; meanwhile the peer keeps hearing
+heartbeats with the state it last heard, so a slow disk never looks like a
+dead node, and the peer learns a new state only once it is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -78,7 +87,15 @@ from sbs_core.machine import (
     StopSentinels,
     TimerFired,
 )
-from sbs_core.messages import SYNC_MESSAGES, Goodbye, Message, SyncMessage
+from sbs_core.messages import (
+    SYNC_MESSAGES,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    NodeState,
+    SyncMessage,
+)
 from sbs_core.state import StateStore
 from sbs_core.sync.engine import LinkClosed, SyncEngine
 from sbs_core.transport import TcpTransport, Transport
@@ -178,6 +195,10 @@ class _Request:
     error: str | None = None
 
 
+class _Wake:
+    """Wakes the main loop without an event: a save carried out an Exit (see _save_then_go_on)."""
+
+
 class Node:
     """One sbs node: ``await Node(config).run()`` until a planned stop completes."""
 
@@ -220,6 +241,11 @@ class Node:
         )
         self._store = StateStore(node.state_dir)
         self._state_save_error: str | None = None  # the last save of the state failed: why
+        # A save runs in a worker thread; what came after it waits here, in order.
+        self._saving = False
+        self._after_save: deque[Action] = deque()
+        # The state the peer last heard (Hello or Heartbeat): what it hears during a save.
+        self._told: NodeState | None = None
         self._secret = node.read_secret()
         self._known_sentinels = {s.name for s in config.controller.sentinels}
         self._conns: dict[ConnId, PeerConnection] = {}
@@ -233,7 +259,7 @@ class Node:
         self._refusal_window_at = -_REFUSAL_LOG_INTERVAL
         self._refusal_lines = 0
         self._events_tx, self._events_rx = anyio.create_memory_object_stream[
-            EventFactory | _Request
+            EventFactory | _Request | _Wake
         ](max_buffer_size=4096)
         self._ctl_tx, self._ctl_rx = anyio.create_memory_object_stream[Action](max_buffer_size=1024)
         self._machine: RoleMachine | None = None
@@ -391,7 +417,7 @@ class Node:
 
     # ------------------------------------------------------------------ main loop
 
-    def _post(self, item: EventFactory | _Request) -> None:
+    def _post(self, item: EventFactory | _Request | _Wake) -> None:
         try:
             self._events_tx.send_nowait(item)
         except anyio.WouldBlock:
@@ -403,7 +429,7 @@ class Node:
         machine = self.machine
         while not self._exited:
             deadline = machine.next_deadline()
-            item: EventFactory | _Request | None = None
+            item: EventFactory | _Request | _Wake | None = None
             if deadline is None:
                 item = await self._events_rx.receive()
             else:
@@ -412,6 +438,8 @@ class Node:
                     with anyio.move_on_after(delay):
                         item = await self._events_rx.receive()
             now = anyio.current_time()
+            if isinstance(item, _Wake):
+                continue
             if item is None:
                 self._execute(machine.handle(TimerFired(now=now)))
             elif isinstance(item, _Request):
@@ -425,6 +453,10 @@ class Node:
 
     def _execute(self, actions: list[Action]) -> None:
         self._carry_out(actions)
+        if not self._saving:
+            self._follow_replication_target()
+
+    def _follow_replication_target(self) -> None:
         target = self.machine.replication_target()
         if target != self._replicating_to:
             self._replicating_to = target
@@ -433,14 +465,27 @@ class Node:
             else:
                 self._sync.attach(target)
 
-    def _carry_out(self, actions: list[Action]) -> None:
+    def _carry_out(self, actions: list[Action] | deque[Action]) -> None:
         handback = any(isinstance(a, Alert) and a.kind == "handback" for a in actions)
         for action in actions:
+            if self._saving:
+                # Everything waits for the save, in order. A heartbeat also goes out
+                # now, saying what the peer heard last: alive, nothing new yet.
+                self._after_save.append(action)
+                if (
+                    isinstance(action, Send)
+                    and isinstance(action.message, Heartbeat)
+                    and self._told is not None
+                ):
+                    self._send(action.conn, Heartbeat(state=self._told))
+                continue
             match action:
                 case Connect():
                     assert self._tg is not None
                     self._tg.start_soon(self._connect)
                 case Send(conn=conn, message=message):
+                    if isinstance(message, Heartbeat):
+                        self._told = message.state
                     self._send(conn, message)
                 case Close(conn=conn, goodbye=goodbye):
                     self._close(conn, goodbye)
@@ -450,15 +495,50 @@ class Node:
                     assert self._tg is not None
                     self._tg.start_soon(self._final_cycle, conn, reason == "yield")
                 case PersistState(epoch=epoch, role=role, sentinels=sentinels):
-                    self._save_state(PersistedState(epoch=epoch, role=role, sentinels=sentinels))
+                    assert self._tg is not None
+                    self._saving = True
+                    state = PersistedState(epoch=epoch, role=role, sentinels=sentinels)
+                    self._tg.start_soon(self._save_then_go_on, state)
                 case Alert():
                     # A handback is one event for the operator: its own mail says it all.
                     self._alert(action, mail=not (action.kind == "promoted" and handback))
                 case Exit():
                     self._exited = True
 
+    async def _save_then_go_on(self, state: PersistedState) -> None:
+        """Save ``state`` in a worker thread, then carry out what waited for it."""
+        error = await anyio.to_thread.run_sync(self._write_state, state)
+        self._saved(state, error)
+        self._saving = False
+        waiting, self._after_save = self._after_save, deque()
+        self._carry_out(waiting)  # which may begin the next save
+        if not self._saving:
+            self._follow_replication_target()
+        if self._exited:
+            self._post(_Wake())  # the main loop may be waiting for an event
+
+    def _hello(self) -> Hello:
+        """The Hello for a new connection: during a save, with the state heard before it."""
+        hello = self.machine.hello()
+        if self._saving and self._told is not None:
+            return dataclasses.replace(hello, state=self._told)
+        self._told = hello.state
+        return hello
+
     def _save_state(self, state: PersistedState) -> None:
-        """Save the role, epoch and sentinels before acting on them, if the disk lets us.
+        """Save the role, epoch and sentinels, here and now (blocks); see :meth:`_saved`."""
+        self._saved(state, self._write_state(state))
+
+    def _write_state(self, state: PersistedState) -> str | None:
+        """Write ``state`` durably (blocks); None, or why the disk refused."""
+        try:
+            self._store.save(state)
+        except OSError as exc:
+            return f"{exc.strerror or exc} ({self._store.state_file})"
+        return None
+
+    def _saved(self, state: PersistedState, reason: str | None) -> None:
+        """Note a save's outcome. The role, epoch and sentinels are saved before acting on them.
 
         A node that cannot save (a full disk) still does its job: a standby that
         must take over is needed most when things go wrong, and stopping it would
@@ -466,10 +546,7 @@ class Node:
         the status until a save succeeds; meanwhile a restart of this node would
         start from the state saved last.
         """
-        try:
-            self._store.save(state)
-        except OSError as exc:
-            reason = f"{exc.strerror or exc} ({self._store.state_file})"
+        if reason is not None:
             first = self._state_save_error is None
             self._state_save_error = reason
             if first:
@@ -658,7 +735,7 @@ class Node:
         try:
             async with self._handshake_slots(peer_host, initiated=initiated):
                 with anyio.fail_after(self.config.node.connect_timeout):
-                    hello = await handshake(stream, channel, self.machine.hello, heard)
+                    hello = await handshake(stream, channel, self._hello, heard)
         except (
             ProtocolError,
             OSError,

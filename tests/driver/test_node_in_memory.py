@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -208,4 +210,88 @@ async def test_a_secondary_whose_disk_is_full_still_takes_over_and_says_so(
         loaded = store.load()
         assert loaded is not None
         assert loaded.epoch == 2
+        b.scope.cancel()
+
+
+def slow_save(store: Any, seconds: float, events: list[str]) -> Callable[[PersistedState], None]:
+    """``store.save`` held up as by a disk busy with another program's writes (4 s measured)."""
+    real_save = store.save
+
+    def save(state: PersistedState) -> None:
+        time.sleep(seconds)  # the node calls it in a worker thread
+        real_save(state)
+        events.append(f"saved {state.role} {state.epoch} {','.join(state.sentinels)}")
+
+    return save
+
+
+def noting(method: Callable[..., Any], events: list[str], what: str) -> Callable[..., Any]:
+    async def noted(names: Any, **kwargs: Any) -> Any:
+        events.append(f"{what} {','.join(sorted(names or ()))}")
+        return await method(names, **kwargs)
+
+    return noted
+
+
+@pytest.mark.anyio
+async def test_a_slow_save_of_the_primarys_state_holds_its_actions_not_its_heartbeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
+        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
+        await until(lambda: role(a) == "primary")
+        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
+        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        await until(lambda: b.node.status()["sentinels"] == list(SENTINELS))
+        events: list[str] = []
+        monkeypatch.setattr(a.node._store, "save", slow_save(a.node._store, 3 * DEAD, events))
+        monkeypatch.setattr(
+            a.controller, "stop_sentinels", noting(a.controller.stop_sentinels, events, "stop")
+        )
+
+        answer = await a.node._on_control({"cmd": "sentinel", "name": "spooler", "active": False})
+        assert answer["ok"], answer
+        await anyio.sleep(2 * DEAD)  # the save takes 3 * DEAD: b's dead_time passes meanwhile
+        # a's event loop runs on, and b keeps hearing it as it was before the change.
+        assert events == []
+        assert a.controller.running_sentinels() == frozenset(SENTINELS)
+        assert role(b) == "secondary"
+        assert b.node.status()["sentinels"] == list(SENTINELS)
+
+        await until(lambda: b.node.status()["sentinels"] == ["labels"])
+        assert events == ["saved primary 1 labels", "stop spooler"]  # saved, then acted on
+        assert a.controller.running_sentinels() == frozenset({"labels"})
+        assert role(a) == "primary"
+        assert role(b) == "secondary"
+        assert a.node.machine.epoch == b.node.machine.epoch == 1
+        peer = b.node.status()["peer"]
+        assert peer is not None
+        assert peer["longest_silence"] < DEAD  # heartbeats all through the save
+        assert a.node.status()["loop_longest_stall"] < DEAD
+        a.scope.cancel()
+        b.scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_node_taking_over_starts_its_sentinels_only_once_its_new_epoch_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
+        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
+        await until(lambda: role(a) == "primary")
+        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
+        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        events: list[str] = []
+        monkeypatch.setattr(b.node._store, "save", slow_save(b.node._store, 2 * DEAD, events))
+        monkeypatch.setattr(
+            b.controller, "start_sentinels", noting(b.controller.start_sentinels, events, "start")
+        )
+
+        a.scope.cancel()  # the primary dies
+        await until(lambda: role(b) == "primary", timeout=2 * DEAD)
+        await until(lambda: b.controller.running_sentinels() == frozenset(SENTINELS), timeout=5)
+        assert events == ["saved primary 2 labels,spooler", "start labels,spooler"]
+        loaded = b.node._store.load()
+        assert loaded is not None
+        assert (loaded.role, loaded.epoch) == ("primary", 2)
         b.scope.cancel()
