@@ -363,10 +363,13 @@ def test_a_cycle_reading_most_files_stops_watching_and_then_misses_no_change(
     # that reads most of the tree stops the watcher, and a full scan after the
     # cycle finds what changed meanwhile. A long period and rescan interval:
     # nothing else could bring the change made while nobody watched.
-    files = WATCH_PAUSE_FILES * 6
+    # b shows its first files at its second commit (the first one is renamed once
+    # the next is flushed), about 4,000 files in: the cycle must go on well past
+    # that for the change below to be made while it runs, even on a busy machine.
+    files = WATCH_PAUSE_FILES * 10
     with replica_pair(tmp_path / "pair", node={"period": 60.0, "rescan_interval": 600.0}) as pair:
         src, dst = data_of(pair.a), data_of(pair.b)
-        for n in range(files):  # 8 KiB each: the cycle lasts over a second, in 3 commits
+        for n in range(files):  # 8 KiB each: the cycle lasts seconds, in 5 commits
             write(src / f"d{n % 40:02}" / f"f{n:05}.bin", f"{n:08}".encode() * 1024)
         start_pair(pair)
         wait_until(
