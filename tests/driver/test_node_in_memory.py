@@ -88,13 +88,19 @@ def role(member: Member) -> str:
     return member.node.machine.role if member.node._machine is not None else "starting"
 
 
+async def formed_pair(tg: TaskGroup, make: Callable[..., Node]) -> tuple[Member, Member]:
+    """a started first and primary, then b, its connected secondary."""
+    a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
+    await until(lambda: role(a) == "primary")
+    b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
+    await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+    return a, b
+
+
 @pytest.mark.anyio
 async def test_pair_forms_then_fails_over_when_the_primary_dies(tmp_path: Path) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
-        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
-        await until(lambda: role(a) == "primary")
-        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
-        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        a, b = await formed_pair(tg, make)
 
         assert a.controller.running_sentinels() == frozenset(SENTINELS)
         assert b.controller.running_sentinels() == frozenset()
@@ -179,10 +185,7 @@ async def test_a_secondary_whose_disk_is_full_still_takes_over_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
-        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
-        await until(lambda: role(a) == "primary")
-        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
-        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        a, b = await formed_pair(tg, make)
         store = b.node._store
         saved = store.load()
         real_save = store.save
@@ -238,10 +241,7 @@ async def test_a_slow_save_of_the_primarys_state_holds_its_actions_not_its_heart
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
-        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
-        await until(lambda: role(a) == "primary")
-        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
-        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        a, b = await formed_pair(tg, make)
         await until(lambda: b.node.status()["sentinels"] == list(SENTINELS))
         events: list[str] = []
         monkeypatch.setattr(a.node._store, "save", slow_save(a.node._store, 3 * DEAD, events))
@@ -277,10 +277,7 @@ async def test_a_node_taking_over_starts_its_sentinels_only_once_its_new_epoch_i
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
-        a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
-        await until(lambda: role(a) == "primary")
-        b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
-        await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+        a, b = await formed_pair(tg, make)
         events: list[str] = []
         monkeypatch.setattr(b.node._store, "save", slow_save(b.node._store, 2 * DEAD, events))
         monkeypatch.setattr(
