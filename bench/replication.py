@@ -7,8 +7,8 @@ For each data set (generated from a fixed seed), it times, alternating the tools
    ``durable_writes`` on and off; the reference is ``rsync -a --delete`` into an
    rsync daemon on 127.0.0.1, run from its process start to its exit, and once a
    round a plain Python copier (one process; no network, hash or fsync), and
-   the same copier followed by one ``sync`` (the set made durable, the least a
-   durable copy costs on this disk), shown for information;
+   the same copier followed by one ``sync`` (the set made durable with one
+   flush for all of it, none per file), shown for information;
 2. incremental ("small" only): 10 files changed on the primary -> all 10
    byte-identical on the secondary;
 3. idle CPU ("small" only): both nodes over 310 s with nothing changing;
@@ -780,8 +780,8 @@ def run_sbs(
 
 # The issue's second reference: a plain Python copier in one process, no
 # hashing, no fsync, no network: walk, read, write, set the mtime (as rsync -a).
-# With a third argument it ends with one sync: the set made durable in the
-# cheapest way there is (no fsync per file), the floor for the durable rows.
+# With a third argument it ends with one sync: the set made durable with one
+# flush for all of it, none per file, a reference for the durable rows.
 _COPIER = """
 import os, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -1347,7 +1347,7 @@ def method(runs: int, pause: float) -> str:
         f"durable), rsync, then the issue's second reference, a plain Python copier "
         "(one process walks the source and copies each file in 1 MiB reads and writes, "
         "setting its mtime: no network, no hash, no fsync) and the same copier followed by "
-        "one `sync`, the cheapest way to make the set durable (its row is shown under the "
+        "one `sync` (one flush for the whole set, none per file; its row is shown under the "
         f"durable one), {runs} rounds; after every run the written copy is moved aside "
         "(all copies are deleted only once every set is done: on this ext4 file system, "
         "files created within minutes of a mass deletion are several times slower to "
