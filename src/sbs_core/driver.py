@@ -525,10 +525,6 @@ class Node:
         self._told = hello.state
         return hello
 
-    def _save_state(self, state: PersistedState) -> None:
-        """Save the role, epoch and sentinels, here and now (blocks); see :meth:`_saved`."""
-        self._saved(state, self._write_state(state))
-
     def _write_state(self, state: PersistedState) -> str | None:
         """Write ``state`` durably (blocks); None, or why the disk refused."""
         try:

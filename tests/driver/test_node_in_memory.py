@@ -208,7 +208,8 @@ async def test_a_secondary_whose_disk_is_full_still_takes_over_and_says_so(
 
         # Space is freed: the next change of state is saved, and the error goes.
         monkeypatch.setattr(store, "save", real_save)
-        b.node._save_state(PersistedState(epoch=2, role="primary", sentinels=SENTINELS))
+        state = PersistedState(epoch=2, role="primary", sentinels=SENTINELS)
+        b.node._saved(state, b.node._write_state(state))
         assert b.node.status()["state_save_error"] is None
         loaded = store.load()
         assert loaded is not None
