@@ -754,6 +754,11 @@ class Node:
             else:
                 self._log_refusal(peer_host, reason)
             return
+        except BaseException:
+            # Cancelled mid-handshake (the node is stopping): the stream is still ours.
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
+            raise
         conn_id = self._next_conn
         self._next_conn += 1
         conn = PeerConnection(conn_id, stream, channel, peer_host)
