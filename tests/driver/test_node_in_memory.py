@@ -89,11 +89,22 @@ def role(member: Member) -> str:
 
 
 async def formed_pair(tg: TaskGroup, make: Callable[..., Node]) -> tuple[Member, Member]:
-    """a started first and primary, then b, its connected secondary."""
+    """a started first and primary, then b, its connected secondary, each with its state saved.
+
+    A node saves its state in a worker thread: a test that changes how saves go
+    (a full disk, a slow one) must not catch the save of b's start instead.
+    """
     a = await launch(tg, "a", make("a", "10.9.0.1", "10.9.0.2"))
     await until(lambda: role(a) == "primary")
     b = await launch(tg, "b", make("b", "10.9.0.2", "10.9.0.1"))
-    await until(lambda: role(b) == "secondary" and b.node.status()["peer_connected"])
+    await until(
+        lambda: (
+            role(b) == "secondary"
+            and b.node.status()["peer_connected"]
+            and b.node.status()["sentinels"] == list(SENTINELS)
+            and not (a.node._saving or b.node._saving)
+        )
+    )
     return a, b
 
 
@@ -125,10 +136,11 @@ async def test_planned_stop_hands_over_and_the_stopping_node_returns(tmp_path: P
         with anyio.fail_after(5):
             await a.done.wait()
         await until(lambda: role(b) == "primary", timeout=1.0)
+        # Its sentinels start once its new epoch is saved, in a worker thread.
+        await until(lambda: b.controller.running_sentinels() == frozenset(SENTINELS))
         # Handed over, not lost: the peer never had to wait for silence.
         assert b.node.status()["last_error"] is None
         assert a.controller.running_sentinels() == frozenset()
-        assert b.controller.running_sentinels() == frozenset(SENTINELS)
         stop_of_a = [c.op for c in a.controller.calls]
         assert stop_of_a[-2:] == ["stop", "stop_application"]
         b.scope.cancel()
@@ -243,7 +255,6 @@ async def test_a_slow_save_of_the_primarys_state_holds_its_actions_not_its_heart
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
         a, b = await formed_pair(tg, make)
-        await until(lambda: b.node.status()["sentinels"] == list(SENTINELS))
         events: list[str] = []
         monkeypatch.setattr(a.node._store, "save", slow_save(a.node._store, 3 * DEAD, events))
         monkeypatch.setattr(
