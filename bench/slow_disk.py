@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from benchdoc import load_line, machine_line, revision
@@ -45,14 +44,6 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
-def wait_for(what: str, test: Callable[[], bool], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not test():
-        if time.monotonic() > end:
-            raise SystemExit(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)
-
-
 def role_of(node: NodeProcess) -> tuple[str, int] | None:
     st = node.status(timeout=3)
     return None if st is None else (st["role"], st["epoch"])
@@ -62,16 +53,12 @@ def one_round(workdir: Path, index: int, megabytes: int) -> str:
     with Pair(Path(tempfile.mkdtemp(prefix=f"slow-disk-{index}-", dir=workdir))) as pair:
         a, b = pair.a, pair.b
         a.start()
-        wait_for("a primary", lambda: role_of(a) == ("primary", 1), START_TIMEOUT)
+        a.wait_for("primary", lambda st: st["role"] == "primary", timeout=START_TIMEOUT)
         b.start()
-        wait_for(
-            "b connected",
-            lambda: (
-                (st := b.status()) is not None
-                and st["role"] == "secondary"
-                and st["peer_connected"]
-            ),
-            START_TIMEOUT,
+        b.wait_for(
+            "a connected secondary",
+            lambda st: st["role"] == "secondary" and st["peer_connected"],
+            timeout=START_TIMEOUT,
         )
         big = pair.root / "other-program.bin"
         writer = subprocess.Popen(
@@ -84,7 +71,7 @@ def one_round(workdir: Path, index: int, megabytes: int) -> str:
             if writer.stdout.readline().strip() != "fsync":
                 raise SystemExit("the writer failed")
             began = time.monotonic()
-            done = a.sbs("sentinels", "-c", str(a.config), "stop", "spooler")
+            done = a.sbs("sentinels", "stop", "spooler")
             took = time.monotonic() - began
             seen: set[tuple[object, ...]] = set()
             end = time.monotonic() + WATCH

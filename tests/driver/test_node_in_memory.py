@@ -249,17 +249,28 @@ def noting(method: Callable[..., Any], events: list[str], what: str) -> Callable
     return noted
 
 
+def slowed(
+    monkeypatch: pytest.MonkeyPatch, member: Member, seconds: float, method: str
+) -> list[str]:
+    """``member``'s saves held ``seconds``; its saves and its controller's ``method`` in order.
+
+    ``method`` is ``start_sentinels`` or ``stop_sentinels``, noted as "start" or "stop".
+    """
+    events: list[str] = []
+    store, controller = member.node._store, member.controller
+    monkeypatch.setattr(store, "save", slow_save(store, seconds, events))
+    what = method.partition("_")[0]
+    monkeypatch.setattr(controller, method, noting(getattr(controller, method), events, what))
+    return events
+
+
 @pytest.mark.anyio
 async def test_a_slow_save_of_the_primarys_state_holds_its_actions_not_its_heartbeats(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
         a, b = await formed_pair(tg, make)
-        events: list[str] = []
-        monkeypatch.setattr(a.node._store, "save", slow_save(a.node._store, 3 * DEAD, events))
-        monkeypatch.setattr(
-            a.controller, "stop_sentinels", noting(a.controller.stop_sentinels, events, "stop")
-        )
+        events = slowed(monkeypatch, a, 3 * DEAD, "stop_sentinels")
 
         answer = await a.node._on_control({"cmd": "sentinel", "name": "spooler", "active": False})
         assert answer["ok"], answer
@@ -290,11 +301,7 @@ async def test_a_node_taking_over_starts_its_sentinels_only_once_its_new_epoch_i
 ) -> None:
     async with pair_in_memory(tmp_path) as (_network, make), anyio.create_task_group() as tg:
         a, b = await formed_pair(tg, make)
-        events: list[str] = []
-        monkeypatch.setattr(b.node._store, "save", slow_save(b.node._store, 2 * DEAD, events))
-        monkeypatch.setattr(
-            b.controller, "start_sentinels", noting(b.controller.start_sentinels, events, "start")
-        )
+        events = slowed(monkeypatch, b, 2 * DEAD, "start_sentinels")
 
         a.scope.cancel()  # the primary dies
         await until(lambda: role(b) == "primary", timeout=2 * DEAD)
