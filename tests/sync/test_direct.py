@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,5 +217,83 @@ def test_an_aborted_direct_file_leaves_nothing_and_its_buffer_serves_the_next(
     assert list(root.iterdir()) == []
 
     [outcome] = site.commit([receive(site, "big.bin", data, [direct.BUFFER - 1])])
+    assert outcome.status == "applied"
+    assert (root / "big.bin").read_bytes() == data
+
+
+def test_a_full_buffer_is_written_while_the_next_one_fills_and_the_file_closes_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    if not takes_direct(root):
+        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    real = os.write
+    disk_free, writing = threading.Event(), threading.Event()
+    direct_writes: list[str] = []
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT:
+            direct_writes.append(threading.current_thread().name)
+            writing.set()
+            assert disk_free.wait(10), "the test never let the disk go on"
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = random.Random(3).randbytes(LARGE)
+    site = applier(root)
+    incoming = site.begin(ROOT_ID, "big.bin", size=LARGE, mtime_ns=0, digest=digest_of(data))
+    view = memoryview(data)
+    # The disk holds on to the first buffer; the caller still fills every one it may.
+    incoming.write(view[: direct.AHEAD * direct.BUFFER + 1])
+    assert writing.wait(10)  # the first full buffer is on its way...
+    assert threading.current_thread().name not in direct_writes  # ...in another thread
+
+    def write_the_rest() -> None:
+        incoming.write(view[direct.AHEAD * direct.BUFFER + 1 :])
+        incoming.finish()
+
+    closing = threading.Thread(target=write_the_rest)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive()  # the file cannot close while its buffers are on their way
+    disk_free.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    [outcome] = site.commit([incoming])
+    assert outcome.status == "applied"
+    assert (root / "big.bin").read_bytes() == data
+
+
+def test_a_background_write_that_fails_fails_its_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    if not takes_direct(root):
+        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    real = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = os.urandom(LARGE)
+    site = applier(root)
+    incoming = site.begin(ROOT_ID, "big.bin", size=LARGE, mtime_ns=0, digest=digest_of(data))
+
+    def receive_all() -> None:
+        incoming.write(data)  # fails here, or at the latest when the file is finished
+        incoming.finish()
+
+    with pytest.raises(OSError, match="No space left"):
+        receive_all()
+    assert not incoming.pending
+    assert list(root.iterdir()) == []
+
+    monkeypatch.setattr(os, "write", real)  # the disk has room again: the next file goes
+    [outcome] = site.commit([receive(site, "big.bin", data, [])])
     assert outcome.status == "applied"
     assert (root / "big.bin").read_bytes() == data

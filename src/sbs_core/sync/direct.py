@@ -25,22 +25,36 @@ import errno
 import mmap
 import os
 import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
-__all__ = ("ALIGN", "BUFFER", "MIN_SIZE", "O_DIRECT", "BufferPool", "DirectWriter")
+__all__ = ("AHEAD", "ALIGN", "BUFFER", "MIN_SIZE", "O_DIRECT", "BufferPool", "DirectWriter")
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 ALIGN = 4096  # a multiple of every logical block size in use (512 or 4096)
 BUFFER = 1 << 20  # one data frame: a buffer fills once per frame of a large file
 MIN_SIZE = 256 * 1024  # smaller files come in batches, mostly one or two blocks each
+AHEAD = 2  # full buffers of a file being written while the next one fills
 
 
 class BufferPool:
-    """Aligned buffers for :class:`DirectWriter`, reused: a fresh one costs page faults."""
+    """Aligned buffers for :class:`DirectWriter`, reused (a fresh one costs page
+    faults), and the one thread that writes full buffers out, in order."""
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = AHEAD + 1) -> None:
         self._free: list[mmap.mmap] = []
         self._keep = keep
         self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None  # started with the first full buffer
+
+    def submit(self, job: Callable[[], None]) -> Future[None]:
+        """Run ``job`` in the pool's writing thread, after every job submitted before it."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="sbs-direct-write")
+            writer = self._writer
+        return writer.submit(job)
 
     def take(self) -> mmap.mmap:
         with self._lock:
@@ -70,16 +84,16 @@ class DirectWriter:
         self._view = memoryview(self._buffer)
         self._filled = 0
         self.direct = True
+        self._going: deque[Future[None]] = deque()  # full buffers being written, oldest first
 
     def write(self, data: memoryview) -> None:
-        view = self._view
         while data:
             take = min(len(data), BUFFER - self._filled)
-            view[self._filled : self._filled + take] = data[:take]
+            self._view[self._filled : self._filled + take] = data[:take]  # a fresh one after each
             self._filled += take
             data = data[take:]
             if self._filled == BUFFER:
-                self._write_out(BUFFER)
+                self._hand_off()
 
     def reserve(self, size: int) -> memoryview | None:
         """The buffer's next ``size`` bytes, to be filled in place; None if they do not fit.
@@ -95,10 +109,16 @@ class DirectWriter:
         """Append the ``size`` bytes just filled in at :meth:`reserve`'s place."""
         self._filled += size
         if self._filled == BUFFER:
-            self._write_out(BUFFER)
+            self._hand_off()
 
     def close_out(self) -> None:
-        """Write the rest: its aligned part directly, the tail through the page cache."""
+        """Write the rest: its aligned part directly, the tail through the page cache.
+
+        Returns once every byte is written; raises the first error of a
+        buffer written in the background (then :meth:`release` the writer).
+        """
+        while self._going:
+            self._going.popleft().result()
         aligned = self._filled - self._filled % ALIGN
         if aligned:
             self._write_out(aligned)
@@ -107,32 +127,61 @@ class DirectWriter:
             self._write_out(self._filled)
 
     def release(self) -> None:
+        """Give the buffer back, once no write of this file is on its way.
+
+        The caller closes the file only after this: a write still on its
+        way would otherwise go to whatever file gets the descriptor next.
+        """
+        while self._going:
+            self._going.popleft().exception()  # reported by close_out, or moot: aborted
         if self._buffer is not None:
             self._view.release()
             self._pool.give(self._buffer)
             self._buffer = None
 
+    def _hand_off(self) -> None:
+        """Have the full buffer written in the pool's thread, and go on in a fresh one."""
+        if len(self._going) >= AHEAD:
+            self._going.popleft().result()  # its error is this write's
+        assert self._buffer is not None
+        full, view = self._buffer, self._view
+        self._going.append(self._pool.submit(lambda: self._write_full(full, view)))
+        self._buffer = self._pool.take()
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+
+    def _write_full(self, buffer: mmap.mmap, view: memoryview) -> None:
+        try:
+            self._write_all(view, BUFFER)
+        finally:
+            view.release()
+            self._pool.give(buffer)
+
     def _write_out(self, length: int) -> None:
         """Write the buffer's first ``length`` bytes; keep what follows them in front."""
+        self._write_all(self._view, length)
+        rest = self._filled - length
+        if rest:
+            self._view[:rest] = self._view[length : self._filled]
+        self._filled = rest
+
+    def _write_all(self, view: memoryview, length: int) -> None:
+        """Write ``view[:length]`` at the file's position, direct while the file allows."""
         done = 0
         while done < length:
-            chunk = self._view[done:length]
-            try:
-                took = os.write(self._fd, chunk)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or not self.direct:
-                    raise
-                self._plain()  # this filesystem takes O_DIRECT at the open, not the write
-                continue
+            with view[done:length] as chunk:
+                try:
+                    took = os.write(self._fd, chunk)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self._plain()  # this filesystem takes O_DIRECT at the open, not the write
+                    continue
             if not took:
                 raise OSError(errno.EIO, "the file took no bytes")
             done += took
             if done % ALIGN and self.direct:
                 self._plain()  # a short write (a full disk?): the rest cannot be aligned
-        rest = self._filled - length
-        if rest:
-            self._view[:rest] = self._view[length : self._filled]
-        self._filled = rest
 
     def _plain(self) -> None:
         import fcntl  # noqa: PLC0415 - POSIX only, and only reached where O_DIRECT exists
