@@ -6,8 +6,8 @@ freshly allocated cache pages and written back later (the flush before the
 rename of a durable copy waits for all of it): on the machines measured this
 costs 4-5 s of kernel CPU per GiB, several times the disk's own write time
 (see docs/benchmarks.md), and the copies push out of the cache what this
-node's own programs read. With ``O_DIRECT`` the data goes from one reused,
-aligned buffer to the disk, and a flush only has the metadata left to write.
+node's own programs read. With ``O_DIRECT`` the data goes from reused,
+aligned buffers to the disk, and a flush only has the metadata left to write.
 
 ``O_DIRECT`` wants the buffer, the file offset and the length aligned to the
 device's block size: :class:`DirectWriter` collects the data in an aligned
