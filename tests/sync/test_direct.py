@@ -41,6 +41,16 @@ def takes_direct(folder: Path) -> bool:
     return True
 
 
+@pytest.fixture
+def direct_root(tmp_path: Path) -> Path:
+    """An empty folder on a filesystem that takes O_DIRECT (else the test is skipped)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    if not takes_direct(root):
+        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    return root
+
+
 @dataclass
 class Writes:
     """Every os.write made while receiving: (went through O_DIRECT, length)."""
@@ -104,12 +114,9 @@ def odd_chunks(total: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("size", [direct.MIN_SIZE, 2 * direct.BUFFER, LARGE])
 def test_a_large_durable_file_arrives_whole_its_bulk_past_the_page_cache(
-    tmp_path: Path, writes: Writes, size: int
+    direct_root: Path, writes: Writes, size: int
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    if not takes_direct(root):
-        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    root = direct_root
     data = random.Random(size).randbytes(size)
     site = applier(root)
     incoming = receive(site, "big.bin", data, odd_chunks(size, seed=size))
@@ -123,12 +130,9 @@ def test_a_large_durable_file_arrives_whole_its_bulk_past_the_page_cache(
 
 
 def test_small_files_use_the_page_cache_large_ones_do_not_even_when_not_durable(
-    tmp_path: Path, writes: Writes
+    direct_root: Path, writes: Writes
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    if not takes_direct(root):
-        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    root = direct_root
     site = applier(root, durable=False)
     small = os.urandom(direct.MIN_SIZE - 1)
     [small_outcome] = site.commit([receive(site, "small.bin", small, [])])
@@ -176,12 +180,9 @@ def test_a_filesystem_refusing_o_direct_at_the_open_gets_ordinary_writes(
     ["EINVAL on the first direct write", "a short direct write"],
 )
 def test_a_direct_write_that_fails_or_falls_short_goes_on_through_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+    direct_root: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    if not takes_direct(root):
-        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    root = direct_root
     real = os.write
     tricks = {"done": False}
 
@@ -222,12 +223,9 @@ def test_an_aborted_direct_file_leaves_nothing_and_its_buffer_serves_the_next(
 
 
 def test_a_full_buffer_is_written_while_the_next_one_fills_and_the_file_closes_after_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    if not takes_direct(root):
-        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    root = direct_root
     real = os.write
     disk_free, writing = threading.Event(), threading.Event()
     direct_writes: list[str] = []
@@ -266,12 +264,9 @@ def test_a_full_buffer_is_written_while_the_next_one_fills_and_the_file_closes_a
 
 
 def test_a_background_write_that_fails_fails_its_file_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    if not takes_direct(root):
-        pytest.skip(f"{root}'s filesystem refuses O_DIRECT")
+    root = direct_root
     real = os.write
 
     def write(fd: int, data: bytes | memoryview) -> int:
