@@ -543,6 +543,26 @@ def test_a_batch_of_1000_files_costs_one_syncfs(site: Site, counts: SyncCounts) 
     assert counts.folder_fsyncs == 12
 
 
+@pytest.mark.skipif(apply._SYNCFS is None, reason="syncfs is Linux only")
+def test_a_small_batch_is_flushed_file_by_file_not_with_syncfs(
+    site: Site, counts: SyncCounts
+) -> None:
+    # syncfs would also wait for every other program's unwritten data there.
+    site.root.mkdir()
+    applier = site.applier(durable=True)
+    small = [receive(applier, f"f{i}.lab", b"%d" % i) for i in range(10)]
+
+    assert [o.status for o in applier.commit(small)] == ["applied"] * 10
+    assert (counts.syncfs, counts.file_fsyncs, counts.folder_fsyncs) == (0, 10, 1)
+
+    larger = [receive(applier, f"g{i}.lab", b"x") for i in range(apply.FLUSH_EACH_MAX + 1)]
+    assert {o.status for o in applier.commit(larger)} == {"applied"}
+    assert (counts.syncfs, counts.file_fsyncs) == (1, 10)
+    assert {p.name for p in site.root.iterdir()} == {f"f{i}.lab" for i in range(10)} | {
+        f"g{i}.lab" for i in range(apply.FLUSH_EACH_MAX + 1)
+    }
+
+
 def test_without_syncfs_every_file_is_fsynced(
     site: Site, counts: SyncCounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -567,6 +587,7 @@ def test_a_failed_syncfs_applies_nothing_and_asks_for_a_retry(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(apply, "_SYNCFS", lambda fd: -1)
+    monkeypatch.setattr(apply, "FLUSH_EACH_MAX", 0)  # syncfs even for three files
     applier = site.applier(durable=True)
     batch = [receive(applier, f"f{i}.lab", b"x") for i in range(3)]
 
@@ -973,15 +994,13 @@ def test_a_change_saved_here_during_the_flush_is_kept_not_overwritten(
     applier = site.applier(durable=True)
     incoming = receive(applier, "label.lab", b"the peer's version")
     incoming.guard(identity(target))  # the receiver looked: unchanged here
-    real_syncfs = apply._SYNCFS
+    real_flush = apply._flush_files
 
-    def syncfs_while_a_user_saves(fd: int) -> int:
+    def flush_while_a_user_saves(paths: list[str]) -> list[str | None]:
         save_like_an_application(target, b"saved here meanwhile")
-        return 0 if real_syncfs is None else real_syncfs(fd)
+        return real_flush(paths)
 
-    monkeypatch.setattr(apply, "_SYNCFS", syncfs_while_a_user_saves)
-    if real_syncfs is None:  # the per-file fsync path: save before it instead
-        save_like_an_application(target, b"saved here meanwhile")
+    monkeypatch.setattr(apply, "_flush_files", flush_while_a_user_saves)
 
     [outcome] = applier.commit([incoming])
 

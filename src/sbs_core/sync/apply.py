@@ -8,10 +8,12 @@ never a mix, and a crash leaves at worst a temporary file, which
 only once its size and content hash match what the sender announced.
 
 :meth:`Applier.commit` makes a whole batch durable before any of it becomes
-visible: on Linux one ``syncfs`` per filesystem instead of one ``fsync`` per
-file (thousands of small files would otherwise cost thousands of disk
-flushes), then the renames, then one ``fsync`` per folder. Elsewhere each
-temporary file is fsynced, a few at a time in worker threads. The flush
+visible: for a large batch on Linux one ``syncfs`` per filesystem instead of
+one ``fsync`` per file (thousands of small files would otherwise cost
+thousands of disk flushes), then the renames, then one ``fsync`` per folder.
+A small batch (:data:`FLUSH_EACH_MAX` files), and every batch elsewhere, has
+each temporary file fsynced, a few at a time in worker threads: ``syncfs``
+would also wait for other programs' unwritten data. The flush
 (:meth:`Applier.flush`) may run apart, while the next batch is written.
 
 A file whose folder does not exist yet (most of a first sync) needs no rename
@@ -104,6 +106,12 @@ OutcomeStatus = Literal["applied", "retry", "refused"]
 
 _WINDOWS = sys.platform == "win32"
 _FSYNC_THREADS = 8
+#: A batch of at most this many files is flushed file by file even where
+#: ``syncfs`` exists: ``syncfs`` also waits for every other program's unwritten
+#: data on the filesystem. A change of 10 files took 4-5 ms to ``fsync`` one by
+#: one, and 0.6 s with ``syncfs`` while another program had 300 MB unwritten
+#: there (1 ms without); 256 files 36-55 ms one by one (docs/benchmarks.md).
+FLUSH_EACH_MAX = 256
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 # O_NONBLOCK: a FIFO planted where a file was expected must not hang the open.
@@ -1429,9 +1437,14 @@ def deletion_allowed(
 
 
 def _flush_files(paths: Sequence[str]) -> list[str | None]:
-    """Make the data of ``paths`` (all on one filesystem) durable; a failure reason each."""
+    """Make the data of ``paths`` (all on one filesystem) durable; a failure reason each.
+
+    One ``syncfs`` for a large batch (thousands of flushes cost more), an
+    ``fsync`` per file for a small one (see :data:`FLUSH_EACH_MAX`) and where
+    there is no ``syncfs``.
+    """
     syncfs = _SYNCFS
-    if syncfs is not None:
+    if syncfs is not None and len(paths) > FLUSH_EACH_MAX:
         try:
             fd = os.open(os.path.dirname(paths[0]), os.O_RDONLY)
         except OSError as exc:
