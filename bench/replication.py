@@ -10,7 +10,8 @@ For each data set (generated from a fixed seed), it times, alternating the tools
    the same copier followed by one ``sync`` (the set made durable with one
    flush for all of it, none per file), shown for information;
 2. incremental ("small" only): 10 files changed on the primary -> all 10
-   byte-identical on the secondary;
+   byte-identical on the secondary; then the same while another program has
+   512 MiB written to the same filesystem and not yet on the disk;
 3. idle CPU ("small" only): both nodes over 310 s with nothing changing;
 4. peak memory (VmHWM) of both nodes while replicating "small" and "large";
 5. heartbeats during the transfers: ``peer.longest_silence`` on both nodes, and
@@ -73,6 +74,8 @@ MAX_DONE_POLL = 0.25
 INCREMENTAL_POLL = 0.005
 INCREMENTAL_FILES = 10
 INCREMENTAL_RUNS = 5
+# Another program's data still waiting for the disk, on the secondary's filesystem.
+FOREIGN_MIB = 512
 # Long enough to hold one safety-net full scan (node.rescan_interval, 300 s by
 # default) and ten cycles (node.period, 30 s): the average includes them.
 IDLE_SECONDS = 310.0
@@ -442,6 +445,7 @@ class SetResult:
 @dataclass
 class Steady:
     incremental: Series = field(default_factory=Series)
+    incremental_busy: Series = field(default_factory=Series)
     cpu_a: float | None = None
     cpu_b: float | None = None
     failures: list[str] = field(default_factory=list)
@@ -966,7 +970,9 @@ def measure_steady(ctx: Context, ds: DataSet, data: Path) -> Steady:
                 run.join_and_sync(ds, sync_timeout(ds))
                 # The first cycle's acknowledgement and the index writes end first.
                 time.sleep(2.0)
-                incremental(run, ds, out, say)
+                incremental(run, ds, out.incremental, say)
+                # b's folder and this file share a filesystem: a flush of all of it waits.
+                incremental(run, ds, out.incremental_busy, say, busy=root / "foreign.bin")
                 idle_cpu(run, out, say)
             except (RunFailed, OSError, TimeoutError) as exc:
                 out.failures.append(f"{exc}".splitlines()[0])
@@ -978,12 +984,26 @@ def measure_steady(ctx: Context, ds: DataSet, data: Path) -> Steady:
     return out
 
 
-def incremental(run: PairRun, ds: DataSet, out: Steady, say: Callable[[str], None]) -> None:
-    rng = random.Random(f"{SEED}:incremental")
+def incremental(
+    run: PairRun,
+    ds: DataSet,
+    out: Series,
+    say: Callable[[str], None],
+    *,
+    busy: Path | None = None,
+) -> None:
+    """10 files rewritten on a, until all are on b; with ``busy``, while that file
+    (:data:`FOREIGN_MIB`, written just before and not flushed) waits for the disk."""
+    rng = random.Random(f"{SEED}:incremental" + (":busy" if busy else ""))
     noise = Noise(SEED, "incremental")
+    filler = noise.take(MIB)
     for trial in range(INCREMENTAL_RUNS):
         picked = rng.sample([rel for rel, _ in ds.files], INCREMENTAL_FILES)
         bodies = {rel: noise.take(rng.randint(1 * KIB, 8 * KIB)) for rel in picked}
+        if busy is not None:
+            with busy.open("wb") as f:
+                for _ in range(FOREIGN_MIB):
+                    f.write(filler)
         for rel, body in bodies.items():
             (run.src / rel).write_bytes(body)
         last_write = time.monotonic()
@@ -1000,8 +1020,14 @@ def incremental(run: PairRun, ds: DataSet, out: Steady, say: Callable[[str], Non
                 raise RunFailed(f"incremental: {len(pending)} of 10 files not on b after 30 s")
             time.sleep(INCREMENTAL_POLL)
         took = time.monotonic() - last_write
-        out.incremental.add(took)
-        say(f"  incremental run {trial + 1}: 10 files on b {took:.3f} s after the last write")
+        out.add(took)
+        during = f", {FOREIGN_MIB} MiB of another program unwritten" if busy else ""
+        say(
+            f"  incremental run {trial + 1}{during}: "
+            f"10 files on b {took:.3f} s after the last write"
+        )
+        if busy is not None:
+            busy.unlink()  # gone before it was written: nothing left for the disk
         time.sleep(1.0)
 
 
@@ -1282,6 +1308,19 @@ def steady_rows(steady: Steady | None) -> list[Row]:
             else steady.incremental.median < TARGET_INCREMENTAL,
         )
     ]
+    if steady.incremental_busy.values:
+        rows.append(
+            Row(
+                f"↳ the same while another program has {FOREIGN_MIB} MiB written on b's "
+                "filesystem and not yet on the disk",
+                f"{steady.incremental_busy.text()}, {len(steady.incremental_busy.values)} runs",
+                "—",
+                f"< {TARGET_INCREMENTAL} s (as 2)",
+                None
+                if steady.incremental_busy.median is None
+                else steady.incremental_busy.median < TARGET_INCREMENTAL,
+            )
+        )
     if steady.cpu_a is not None and steady.cpu_b is not None:
         rows.append(
             Row(
@@ -1361,7 +1400,10 @@ def method(runs: int, pause: float) -> str:
         f"{DEFAULT_HEARTBEAT[0]:g} s, dead_time {DEFAULT_HEARTBEAT[1]:g} s, period 30 s), "
         'once it holds "small": 10 files rewritten with new content, then b\'s copies read '
         f"every {INCREMENTAL_POLL * 1000:.0f} ms until all 10 are identical, "
-        f"{INCREMENTAL_RUNS} times; then nothing changes for {IDLE_SECONDS:g} s, and the "
+        f"{INCREMENTAL_RUNS} times, then {INCREMENTAL_RUNS} times more, each right after "
+        f"another program (the benchmark) wrote {FOREIGN_MIB} MiB to a file beside b's "
+        "folder without flushing it (deleted after the run); then nothing changes for "
+        f"{IDLE_SECONDS:g} s, and the "
         "figure is each node process's CPU time (utime + stime from /proc; its sentinels "
         "not included) over wall time."
     )
