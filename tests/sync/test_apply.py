@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -295,6 +296,67 @@ def test_a_replaced_file_keeps_its_permissions(site: Site) -> None:
     applier.commit([receive(applier, "secret.lab", b"new")])
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert target.read_bytes() == b"new"
+
+
+@pytest.fixture
+def as_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening an existing file that has no write permission for writing fails.
+
+    As it does for every user but root, who may write anything (and may run these
+    tests). Creating a new file is still allowed, whatever its mode.
+    """
+    real_open = os.open
+
+    def open_as_a_user(
+        path: str | os.PathLike[str], flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_EXCL:
+            try:
+                info = os.stat(path, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            else:
+                if not info.st_mode & stat.S_IWUSR:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_as_a_user)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_read_only_file_is_replaced_and_flushed_without_being_opened_to_write(
+    site: Site, as_a_user: None
+) -> None:
+    # The new copy has the old one's permissions before its flush: a flush that
+    # opened it to write failed, and the file was retried at every cycle.
+    site.root.mkdir()
+    target = site.root / "fixed.lab"
+    target.write_bytes(b"old")
+    target.chmod(0o444)
+    applier = site.applier(durable=True)
+
+    [outcome] = applier.commit([receive(applier, "fixed.lab", b"new")])
+
+    assert (outcome.status, outcome.reason) == ("applied", "")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o444
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_read_only_file_kept_as_a_conflict_is_flushed_without_being_opened_to_write(
+    site: Site, as_a_user: None
+) -> None:
+    site.root.mkdir()
+    local = site.root / "fixed.lab"
+    local.write_bytes(b"edited on this node")
+    local.chmod(0o444)
+    applier = site.applier(durable=True)
+
+    kept = applier.keep_conflict(ROOT_ID, "fixed.lab", reason="changed on both nodes")
+
+    assert kept is not None
+    assert kept.read_bytes() == b"edited on this node"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o444
 
 
 # --- small files held whole in memory ----------------------------------------------------

@@ -120,6 +120,10 @@ _READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | _BINARY | getattr(os, "O_NONBLOCK", 0)
 #: ones go past the page cache (see :mod:`sbs_core.sync.direct`), streamed.
 WHOLE_FILE_MAX = direct.MIN_SIZE
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW | _BINARY
+# Windows flushes only through a handle that may write (and sbs copies no read-only
+# flag there). Elsewhere a descriptor for reading flushes as well, and a file may
+# have no write permission: a copy that took a read-only file's permissions.
+_FLUSH_FLAGS = (os.O_RDWR if _WINDOWS else os.O_RDONLY) | _NO_FOLLOW | _BINARY
 
 
 class IntegrityError(SbsError, ValueError):
@@ -1471,8 +1475,7 @@ def _fsync_file(path: str | Path) -> str | None:
 
 
 def _fsync_path(path: str | Path) -> None:
-    # Windows flushes only through a handle that may write.
-    fd = os.open(path, os.O_RDWR | _NO_FOLLOW | _BINARY)
+    fd = os.open(path, _FLUSH_FLAGS)
     try:
         os.fsync(fd)
     finally:
