@@ -275,6 +275,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(
             f"held       {st['held_deletes']} deletions wait for 'sbs sync confirm-deletes'"
         )
+    left_out = st.get("not_replicated")
+    if left_out:
+        first = (st.get("not_replicated_files") or ["?"])[0]
+        more = f" (and {left_out - 1} more: sbs status --json)" if left_out > 1 else ""
+        lines.append(f"left out   {first}{more}")
     if st.get("last_sync_error"):
         lines.append(f"sync error {st['last_sync_error']}")
     if st.get("last_error"):

@@ -463,6 +463,60 @@ def test_filter_picks_file_names_in_every_subfolder_ignoring_case(tmp_path: Path
         assert not (dst / "notes.txt").exists()
 
 
+def test_what_the_primary_cannot_replicate_is_named_once_in_its_log_and_status(
+    tmp_path: Path,
+) -> None:
+    # A file left out silently is a file the standby lacks on the day it takes over.
+    with replica_pair(tmp_path / "pair", node={"period": 0.3, "rescan_interval": 1.0}) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        write(src / "fine.lab", b"replicated\n")
+        write(src / "jobs" / "a:b.lab", b"a name Windows cannot store\n")
+        os.mkfifo(src / "pipe.lab")
+        start_pair(pair)
+        wait_until(
+            "fine.lab on b", lambda: has_bytes(dst / "fine.lab", b"replicated\n"), timeout=15
+        )
+
+        def left_out() -> list[str]:
+            return list(status_of(pair.a)["not_replicated_files"])
+
+        wait_until("a's status naming both", lambda: len(left_out()) == 2, timeout=5)
+        named = " | ".join(left_out())
+        assert f"{src}: 'jobs/a:b.lab' is not replicated: its name" in named
+        assert f"{src}: 'pipe.lab' is not replicated: not a regular file" in named
+        assert status_of(pair.a)["not_replicated"] == 2
+        assert listing(dst) == {"fine.lab": len(b"replicated\n")}
+        [shown] = [line for line in pair.a.sbs("status").stdout.splitlines() if "left out" in line]
+        # A folder's own files are listed before its subfolders': the FIFO comes first.
+        assert shown == (
+            f"left out   {src}: 'pipe.lab' is not replicated: not a regular file"
+            " (and 1 more: sbs status --json)"
+        )
+
+        # Full scans go on every second: each is logged once, not at every scan.
+        scanned = status_of(pair.a)["last_scan_at"]
+        wait_until(
+            "two more full scans",
+            lambda: status_of(pair.a)["last_scan_at"] > scanned + 1.5,
+            timeout=10,
+        )
+        log = log_text(pair.a)
+        assert log.count("'jobs/a:b.lab' is not replicated") == 1
+        assert log.count("'pipe.lab' is not replicated") == 1
+
+        # Put right, the files go, and the status forgets them.
+        (src / "jobs" / "a:b.lab").rename(src / "jobs" / "a-b.lab")
+        (src / "pipe.lab").unlink()
+        wait_until(
+            "a-b.lab on b",
+            lambda: has_bytes(dst / "jobs" / "a-b.lab", b"a name Windows cannot store\n"),
+            timeout=10,
+        )
+        wait_until("a's status clear", lambda: status_of(pair.a)["not_replicated"] == 0, timeout=5)
+        assert left_out() == []
+        assert "left out" not in pair.a.sbs("status").stdout
+
+
 # -- 5. strict sync's safety rules
 
 
@@ -844,6 +898,26 @@ def test_handback_brings_the_changes_made_on_the_relaying_backup(tmp_path: Path)
         # And a is the source again.
         write(src / "orders" / "after.txt", b"order 3\n")
         wait_same_tree(src, relay, timeout=5)
+
+
+def test_a_relay_that_hands_back_no_longer_lists_what_it_left_out(tmp_path: Path) -> None:
+    # b names what it could not send while it sends; once secondary it sends nothing.
+    with replica_pair(tmp_path / "pair", modes=("primary", "auto")) as pair:
+        src, relay = data_of(pair.a), data_of(pair.b)
+        write(src / "keep.txt", b"unchanged\n")
+        start_pair(pair)
+        wait_same_tree(src, relay, timeout=15)
+        pair.a.kill()
+        pair.b.wait_for("primary after the kill", is_primary, timeout=5)
+        os.mkfifo(relay / "pipe")
+        write(relay / "new.txt", b"taken while a was down\n")
+
+        pair.a.start()
+        pair.b.wait_for("secondary again", connected_secondary, timeout=15)
+        wait_until("new.txt on a", (src / "new.txt").exists, timeout=5)
+        assert "'pipe' is not replicated: not a regular file" in log_text(pair.b)
+        wait_until("b's status clear", lambda: status_of(pair.b)["not_replicated"] == 0, timeout=5)
+        assert not (src / "pipe").exists()
 
 
 # -- 9. planned stop

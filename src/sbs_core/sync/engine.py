@@ -16,11 +16,13 @@ All file I/O and hashing run in worker threads; the event loop only moves bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
 import os
 import sqlite3
+import stat
 import subprocess
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -60,7 +62,7 @@ from sbs_core.sync.apply import (
     identity_of,
 )
 from sbs_core.sync.index import HashIndex, IndexRow
-from sbs_core.sync.paths import UnsafePathError
+from sbs_core.sync.paths import UnsafePathError, _shown
 from sbs_core.sync.roots import (
     LocalRoot,
     load_peer_roots,
@@ -68,7 +70,14 @@ from sbs_core.sync.roots import (
     save_peer_roots,
     sender_roots,
 )
-from sbs_core.sync.scan import FileStat, digest_of, hash_file, new_hasher, scan_root
+from sbs_core.sync.scan import (
+    FileStat,
+    ScanResult,
+    digest_of,
+    hash_file,
+    new_hasher,
+    scan_root,
+)
 from sbs_core.sync.watch import FolderWatch
 from sbs_core.wire import DataPayload, SealedFrame
 
@@ -137,6 +146,15 @@ WATCH_RETURN_MS = 10_000
 # The longest a session's first scan waits for the watcher to start (it takes
 # 0.02-0.1 s for 20,000 files, 0.5 s for 200,000; listing the folders is most of it).
 WATCH_SETTLE_WAIT = 2.0
+NOT_REPLICATED_SHOWN = 20  # in the status; the log names each once
+# Reading a file to send: never through a link, and a FIFO put in a file's place
+# since the scan must not hang the open (it is then not a regular file: skipped).
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
 
 
 class LinkClosed(SbsError, ConnectionError):
@@ -173,6 +191,8 @@ class SyncStatus:
     watch_state: Literal["watching", "paused", "failed", "off"] = "off"
     watched_folders: int = 0
     watch_error: str | None = None
+    # Files the primary leaves out, and why (see SyncEngine._show_left_out).
+    not_replicated: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The replication keys of ``sbs status --json`` (a stopped node shows the defaults)."""
@@ -190,6 +210,8 @@ class SyncStatus:
             "watch_state": self.watch_state,
             "watched_folders": self.watched_folders,
             "watch_error": self.watch_error,
+            "not_replicated": len(self.not_replicated),
+            "not_replicated_files": self.not_replicated[:NOT_REPLICATED_SHOWN],
         }
 
 
@@ -340,6 +362,11 @@ class SyncEngine:
         self._retry_cycles = 0  # cycles in a row that left files to retry
         self._refused_since_alert = 0
         self._deletes_confirmed = False
+        # What the primary leaves out, one line each: by root id, what its last
+        # full scan could not replicate (names, special files); by (root id, path),
+        # files that could not be read. Each is logged once, until it is gone.
+        self._left_out: dict[str, list[str]] = {}
+        self._unreadable: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ life
 
@@ -921,7 +948,44 @@ class SyncEngine:
             deletes = self._allowed_deletes(root, gone, scan.complete, len(scan.files), len(known))
         for error in scan.errors[:3]:
             logger.warning("scan of %s: %s", root.path, error)
+        self._note_left_out(root, scan)
         return deletes
+
+    def _note_left_out(self, root: LocalRoot, scan: ScanResult) -> None:
+        """Log what a full scan found that cannot be replicated, once while it stays so."""
+        root_id = root.spec.id
+        before = set(self._left_out.get(root_id, ()))
+        lines = [f"{root.path}: {line}" for line in scan.unsendable]
+        if not scan.complete:  # what was not listed may still be there
+            lines += [line for line in before if line not in lines]
+        for line in lines:
+            if line not in before:
+                logger.warning("%s", line)
+        self._left_out[root_id] = lines
+        if scan.complete:
+            for key in [k for k in self._unreadable if k[0] == root_id]:
+                if key[1] not in scan.files:  # deleted, or no longer a file to send
+                    del self._unreadable[key]
+        self._show_left_out()
+
+    def _note_unreadable(
+        self, root: LocalRoot, failed: Iterable[tuple[str, str]], read: Iterable[str]
+    ) -> None:
+        """Log files that could not be read, once per reason; forget those read since."""
+        root_id = root.spec.id
+        if self._unreadable:
+            for path in read:
+                self._unreadable.pop((root_id, path), None)
+        for path, reason in failed:
+            line = f"{root.path}: {_shown(path)} is not replicated: cannot read it: {reason}"
+            if self._unreadable.get((root_id, path)) != line:
+                logger.warning("%s", line)
+                self._unreadable[(root_id, path)] = line
+        self._show_left_out()
+
+    def _show_left_out(self) -> None:
+        lines = [line for lines in self._left_out.values() for line in lines]
+        self.status.not_replicated = lines + list(self._unreadable.values())
 
     def _diff_paths(
         self, session: _SenderSession, root: LocalRoot, names: list[str]
@@ -1175,8 +1239,11 @@ class SyncEngine:
         (2,048 files) take 5-10 ms, which the event loop, and so the
         heartbeats, waited for when they were written there.
         """
-        reads = _read_batch(root.path, batch)
+        failed: list[tuple[str, str]] = []
+        reads = _read_batch(root.path, batch, failed)
         self._remember(root.spec.id, reads)
+        if failed or self._unreadable:
+            self._note_unreadable(root, failed, (r.path for r in reads))
         return reads
 
     def _remember(self, root_id: str, reads: list[_Read]) -> None:
@@ -1238,10 +1305,12 @@ class SyncEngine:
             async with tx:
                 start = 0
                 while start < len(todo):
-                    group, start, missing = await anyio.to_thread.run_sync(
+                    group, start, missing, failed = await anyio.to_thread.run_sync(
                         _open_group, root.path, todo, start
                     )
                     progress.advance(len(missing), sum(missing))
+                    if failed or self._unreadable:
+                        self._note_unreadable(root, failed, (large.path for large in group))
                     if not group:
                         continue
                     try:
@@ -1369,6 +1438,10 @@ class SyncEngine:
             return
         session = _ReceiverSession(self, conn, start)
         self._receiver = session
+        # A secondary sends nothing: what it left out as a primary is no longer news.
+        self._left_out.clear()
+        self._unreadable.clear()
+        self._show_left_out()
         self._tg.start_soon(self._run_receiver, session, old)
 
     async def _run_receiver(
@@ -1540,16 +1613,18 @@ class _Progress:
 
 def _open_group(
     folder: Path, todo: Sequence[tuple[str, FileStat]], start: int
-) -> tuple[list[_LargeRead], int, list[int]]:
+) -> tuple[list[_LargeRead], int, list[int], list[tuple[str, str]]]:
     """Open ``todo``'s files from ``start`` on, reading their first chunks (blocks).
 
     Stops before a file whose first read (by its scanned size) would take the
     group past READ_AHEAD chunks (a group has one file at least), or at
-    GROUP_FILES. Returns the group, where the next one starts, and the scanned
-    sizes of the files that could not be opened (skipped, and logged).
+    GROUP_FILES. Returns the group, where the next one starts, the scanned
+    sizes of the files that could not be opened (skipped), and ``(path, why)``
+    of those among them that are there but could not be read.
     """
     group: list[_LargeRead] = []
     missing: list[int] = []
+    failed: list[tuple[str, str]] = []
     budget = READ_AHEAD * CHUNK
     taken = 0  # the group's first reads, from the scanned sizes
     index = start
@@ -1560,16 +1635,19 @@ def _open_group(
             if group and taken + first > budget:
                 break
             index += 1
-            large = _open_large(folder, path)
-            if large is None:
+            try:
+                large = _open_large(folder, path)
+            except OSError as exc:
                 missing.append(st.size)
-            else:
-                group.append(large)
-                taken += first
+                if not _vanished(exc):
+                    failed.append((path, _why(exc)))
+                continue
+            group.append(large)
+            taken += first
     except BaseException:
         _close_all(group)
         raise
-    return group, index, missing
+    return group, index, missing, failed
 
 
 def _close_all(group: Iterable[_LargeRead]) -> None:
@@ -1586,14 +1664,20 @@ def _finish_all(group: Iterable[_LargeRead]) -> None:
         _close_all(group)
 
 
-def _open_large(folder: Path, path: str) -> _LargeRead | None:
-    """Open a large file and read its first chunks (blocks); None if it cannot be opened."""
-    full = folder / path
+def _open_large(folder: Path, path: str) -> _LargeRead:
+    """Open a large file and read its first chunks (blocks); OSError if it cannot.
+
+    A file that is no longer a regular file (a FIFO put in its place) raises
+    :class:`IsADirectoryError`, which, as for a folder, means it is gone.
+    """
+    fd = os.open(folder / path, _READ_FLAGS)
     try:
-        f = open(full, "rb")  # noqa: SIM115 - closed by _LargeRead, here or after the sending
-    except OSError as exc:
-        logger.warning("cannot read %s: %s", full, exc)
-        return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "no longer a regular file", path)
+        f = open(fd, "rb")  # noqa: SIM115 - closed by _LargeRead, here or after the sending
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         return _LargeRead(path, f)
     except BaseException:
@@ -1795,18 +1879,28 @@ async def _listed(candidates: list[Candidate]) -> AsyncIterator[list[Candidate]]
     yield candidates
 
 
-def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> list[_Read]:
+def _read_batch(
+    root: Path, batch: list[tuple[str, FileStat, str | None]], failed: list[tuple[str, str]]
+) -> list[_Read]:
+    """Read the files of ``batch`` whole; those that cannot be read go to ``failed``.
+
+    A file that vanished or changed since the scan is simply left out (the next
+    cycle sees what it became); ``failed`` gets ``(path, why)`` for the others.
+    """
     reads = []
     prefix = os.path.join(root, "")
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     for path, _st, _digest in batch:
         # os-level calls: a file object would cost more than these few small reads.
         try:
-            fd = os.open(prefix + path, flags)
-        except OSError:
+            fd = os.open(prefix + path, _READ_FLAGS)
+        except OSError as exc:
+            if not _vanished(exc):
+                failed.append((path, _why(exc)))
             continue
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                continue  # no longer a file (see _READ_FLAGS)
             # One byte more than the size: a file that grew shows as torn.
             data = os.read(fd, before.st_size + 1)
             while len(data) < before.st_size:  # a short read, rare: go on
@@ -1815,7 +1909,9 @@ def _read_batch(root: Path, batch: list[tuple[str, FileStat, str | None]]) -> li
                     break
                 data += more
             after = os.fstat(fd)
-        except OSError:
+        except OSError as exc:
+            if not _vanished(exc):
+                failed.append((path, _why(exc)))
             continue
         finally:
             os.close(fd)
@@ -2345,6 +2441,17 @@ def _cut(frames: Iterable[bytes | memoryview], sizes: Iterable[int]) -> Iterator
             filled += taken
             view = view[taken:]
         yield memoryview(whole)
+
+
+def _vanished(exc: OSError) -> bool:
+    """The file is gone, or is no longer a file (a link or a folder now): not a failure."""
+    return isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError) or (
+        exc.errno == errno.ELOOP
+    )
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _reason_of(exc: Exception) -> str:
