@@ -1297,28 +1297,25 @@ def silence_rows(results: dict[str, SetResult]) -> list[Row]:
 def steady_rows(steady: Steady | None) -> list[Row]:
     if steady is None:
         return []
+
+    def incremental_row(figure: str, series: Series, target: str) -> Row:
+        met = None if series.median is None else series.median < TARGET_INCREMENTAL
+        return Row(figure, f"{series.text()}, {len(series.values)} runs", "—", target, met)
+
     rows = [
-        Row(
+        incremental_row(
             "2. Incremental: 10 files changed on a → all byte-identical on b (small replicated)",
-            f"{steady.incremental.text()}, {len(steady.incremental.values)} runs",
-            "—",
+            steady.incremental,
             f"< {TARGET_INCREMENTAL} s",
-            None
-            if steady.incremental.median is None
-            else steady.incremental.median < TARGET_INCREMENTAL,
         )
     ]
     if steady.incremental_busy.values:
         rows.append(
-            Row(
+            incremental_row(
                 f"↳ the same while another program has {FOREIGN_MIB} MiB written on b's "
                 "filesystem and not yet on the disk",
-                f"{steady.incremental_busy.text()}, {len(steady.incremental_busy.values)} runs",
-                "—",
+                steady.incremental_busy,
                 f"< {TARGET_INCREMENTAL} s (as 2)",
-                None
-                if steady.incremental_busy.median is None
-                else steady.incremental_busy.median < TARGET_INCREMENTAL,
             )
         )
     if steady.cpu_a is not None and steady.cpu_b is not None:

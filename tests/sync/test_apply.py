@@ -323,16 +323,21 @@ def as_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "open", open_as_a_user)
 
 
+def read_only_file(site: Site, data: bytes) -> Path:
+    site.root.mkdir()
+    path = site.root / "fixed.lab"
+    path.write_bytes(data)
+    path.chmod(0o444)
+    return path
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_a_read_only_file_is_replaced_and_flushed_without_being_opened_to_write(
     site: Site, as_a_user: None
 ) -> None:
     # The new copy has the old one's permissions before its flush: a flush that
     # opened it to write failed, and the file was retried at every cycle.
-    site.root.mkdir()
-    target = site.root / "fixed.lab"
-    target.write_bytes(b"old")
-    target.chmod(0o444)
+    target = read_only_file(site, b"old")
     applier = site.applier(durable=True)
 
     [outcome] = applier.commit([receive(applier, "fixed.lab", b"new")])
@@ -346,10 +351,7 @@ def test_a_read_only_file_is_replaced_and_flushed_without_being_opened_to_write(
 def test_a_read_only_file_kept_as_a_conflict_is_flushed_without_being_opened_to_write(
     site: Site, as_a_user: None
 ) -> None:
-    site.root.mkdir()
-    local = site.root / "fixed.lab"
-    local.write_bytes(b"edited on this node")
-    local.chmod(0o444)
+    read_only_file(site, b"edited on this node")
     applier = site.applier(durable=True)
 
     kept = applier.keep_conflict(ROOT_ID, "fixed.lab", reason="changed on both nodes")
