@@ -24,6 +24,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from sbs_core.sync.apply import (
     Incoming,
     IntegrityError,
     Outcome,
+    _why,
     deletion_allowed,
     identity_of,
 )
@@ -365,8 +367,10 @@ class SyncEngine:
         # What the primary leaves out, one line each: by root id, what its last
         # full scan could not replicate (names, special files); by (root id, path),
         # files that could not be read. Each is logged once, until it is gone.
+        # Noted by the scanning and the reading threads at once: under a lock.
         self._left_out: dict[str, list[str]] = {}
         self._unreadable: dict[tuple[str, str], str] = {}
+        self._left_out_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
 
@@ -954,36 +958,45 @@ class SyncEngine:
     def _note_left_out(self, root: LocalRoot, scan: ScanResult) -> None:
         """Log what a full scan found that cannot be replicated, once while it stays so."""
         root_id = root.spec.id
-        before = set(self._left_out.get(root_id, ()))
-        lines = [f"{root.path}: {line}" for line in scan.unsendable]
-        if not scan.complete:  # what was not listed may still be there
-            lines += [line for line in before if line not in lines]
-        for line in lines:
-            if line not in before:
-                logger.warning("%s", line)
-        self._left_out[root_id] = lines
-        if scan.complete:
-            for key in [k for k in self._unreadable if k[0] == root_id]:
-                if key[1] not in scan.files:  # deleted, or no longer a file to send
-                    del self._unreadable[key]
-        self._show_left_out()
+        with self._left_out_lock:
+            before = set(self._left_out.get(root_id, ()))
+            lines = [f"{root.path}: {line}" for line in scan.unsendable]
+            if not scan.complete:  # what was not listed may still be there
+                lines += [line for line in before if line not in lines]
+            for line in lines:
+                if line not in before:
+                    logger.warning("%s", line)
+            self._left_out[root_id] = lines
+            if scan.complete:
+                for key in [k for k in self._unreadable if k[0] == root_id]:
+                    if key[1] not in scan.files:  # deleted, or no longer a file to send
+                        del self._unreadable[key]
+            self._show_left_out()
 
     def _note_unreadable(
         self, root: LocalRoot, failed: Iterable[tuple[str, str]], read: Iterable[str]
     ) -> None:
         """Log files that could not be read, once per reason; forget those read since."""
         root_id = root.spec.id
-        if self._unreadable:
-            for path in read:
-                self._unreadable.pop((root_id, path), None)
-        for path, reason in failed:
-            line = f"{root.path}: {_shown(path)} is not replicated: cannot read it: {reason}"
-            if self._unreadable.get((root_id, path)) != line:
-                logger.warning("%s", line)
-                self._unreadable[(root_id, path)] = line
-        self._show_left_out()
+        with self._left_out_lock:
+            if self._unreadable:
+                for path in read:
+                    self._unreadable.pop((root_id, path), None)
+            for path, reason in failed:
+                line = f"{root.path}: {_shown(path)} is not replicated: cannot read it: {reason}"
+                if self._unreadable.get((root_id, path)) != line:
+                    logger.warning("%s", line)
+                    self._unreadable[(root_id, path)] = line
+            self._show_left_out()
+
+    def _forget_left_out(self) -> None:
+        with self._left_out_lock:
+            self._left_out.clear()
+            self._unreadable.clear()
+            self._show_left_out()
 
     def _show_left_out(self) -> None:
+        """The status's list, from both (with the lock held)."""
         lines = [line for lines in self._left_out.values() for line in lines]
         self.status.not_replicated = lines + list(self._unreadable.values())
 
@@ -1439,9 +1452,7 @@ class SyncEngine:
         session = _ReceiverSession(self, conn, start)
         self._receiver = session
         # A secondary sends nothing: what it left out as a primary is no longer news.
-        self._left_out.clear()
-        self._unreadable.clear()
-        self._show_left_out()
+        self._forget_left_out()
         self._tg.start_soon(self._run_receiver, session, old)
 
     async def _run_receiver(
@@ -2448,10 +2459,6 @@ def _vanished(exc: OSError) -> bool:
     return isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError) or (
         exc.errno == errno.ELOOP
     )
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _reason_of(exc: Exception) -> str:
