@@ -117,8 +117,9 @@ async def test_a_file_that_cannot_be_read_is_named_once_and_goes_once_it_can(
         [line] = a.status()["not_replicated_files"]
         assert line == f"{src}: 'file2.bin' is not replicated: cannot read it: Permission denied"
         # Each full scan tries again; the log says it once.
-        scanned = a.status()["last_scan_at"]
         with anyio.fail_after(20):
+            while (scanned := a.status()["last_scan_at"]) is None:
+                await anyio.sleep(0.02)
             while a.status()["last_scan_at"] < scanned + 1.0:
                 await anyio.sleep(0.02)
         assert a.status()["not_replicated"] == 1

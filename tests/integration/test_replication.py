@@ -494,6 +494,7 @@ def test_what_the_primary_cannot_replicate_is_named_once_in_its_log_and_status(
         )
 
         # Full scans go on every second: each is logged once, not at every scan.
+        wait_until("a full scan", lambda: status_of(pair.a)["last_scan_at"], timeout=5)
         scanned = status_of(pair.a)["last_scan_at"]
         wait_until(
             "two more full scans",
@@ -898,6 +899,40 @@ def test_handback_brings_the_changes_made_on_the_relaying_backup(tmp_path: Path)
         # And a is the source again.
         write(src / "orders" / "after.txt", b"order 3\n")
         wait_same_tree(src, relay, timeout=5)
+
+
+def test_a_name_that_cannot_be_replicated_seen_by_a_file_event_is_named_not_sent(
+    tmp_path: Path,
+) -> None:
+    # Between full scans (rescan_interval, 300 s by default) file events find the
+    # changes: the same names stay behind, with the same words, and the secondary
+    # is never asked to write one (it would refuse it, an error at every cycle).
+    with replica_pair(tmp_path / "pair", node={"period": 0.3}) as pair:
+        src, dst = data_of(pair.a), data_of(pair.b)
+        write(src / "fine.lab", b"replicated\n")
+        start_pair(pair)
+        wait_until("fine.lab on b", (dst / "fine.lab").exists, timeout=15)
+        wait_until("the first full scan", lambda: status_of(pair.a)["last_scan_at"], timeout=5)
+        scanned = status_of(pair.a)["last_scan_at"]
+
+        write(src / "x:y.lab", b"a name Windows cannot store\n")
+        write(src / "new" / "p?q.lab", b"in a folder that came later\n")
+        write(src / "new" / "ok.lab", b"fine\n")
+        wait_until(
+            "new/ok.lab on b", lambda: has_bytes(dst / "new" / "ok.lab", b"fine\n"), timeout=5
+        )
+        wait_until(
+            "a's status naming both", lambda: status_of(pair.a)["not_replicated"] == 2, timeout=5
+        )
+        named = " | ".join(status_of(pair.a)["not_replicated_files"])
+        assert f"{src}: 'x:y.lab' is not replicated: its name contains ':'" in named
+        assert f"{src}: 'new/p?q.lab' is not replicated: its name" in named
+        assert status_of(pair.a)["last_scan_at"] == scanned  # no full scan meanwhile
+        log = log_text(pair.a)
+        assert log.count("'x:y.lab' is not replicated") == 1
+        assert "unsafe path" not in log
+        assert "replication_failed" not in log
+        assert listing(dst) == {"fine.lab": len(b"replicated\n"), "new/ok.lab": len(b"fine\n")}
 
 
 def test_a_relay_that_hands_back_no_longer_lists_what_it_left_out(tmp_path: Path) -> None:

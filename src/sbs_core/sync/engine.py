@@ -64,7 +64,7 @@ from sbs_core.sync.apply import (
     identity_of,
 )
 from sbs_core.sync.index import HashIndex, IndexRow
-from sbs_core.sync.paths import UnsafePathError, _shown
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError, _shown
 from sbs_core.sync.roots import (
     LocalRoot,
     load_peer_roots,
@@ -79,6 +79,7 @@ from sbs_core.sync.scan import (
     hash_file,
     new_hasher,
     scan_root,
+    unsendable_line,
 )
 from sbs_core.sync.watch import FolderWatch
 from sbs_core.wire import DataPayload, SealedFrame
@@ -973,6 +974,18 @@ class SyncEngine:
                         del self._unreadable[key]
             self._show_left_out()
 
+    def _note_names(self, root: LocalRoot, found: Sequence[str]) -> None:
+        """Log what a cycle without a full scan found that cannot be replicated, as it does."""
+        if not found:
+            return
+        with self._left_out_lock:
+            lines = self._left_out.setdefault(root.spec.id, [])
+            for line in (f"{root.path}: {line}" for line in found):
+                if line not in lines:
+                    logger.warning("%s", line)
+                    lines.append(line)
+            self._show_left_out()
+
     def _note_unreadable(
         self, root: LocalRoot, failed: Iterable[tuple[str, str]], read: Iterable[str]
     ) -> None:
@@ -1026,15 +1039,19 @@ class SyncEngine:
             if _is_folder(st.st_mode):
                 # A folder created or moved in: files written in it before the watcher
                 # saw it, and those it came with, raise no events of their own.
-                inside = scan_root(full, root.spec.filter)
-                for rel, sub in inside.files.items():
-                    path = f"{name}/{rel}"
-                    fs = FileStat(path=path, size=sub.size, mtime_ns=sub.mtime_ns, ino=sub.ino)
+                inside = scan_root(full, root.spec.filter, prefix=f"{name}/")
+                for path, fs in inside.files.items():
                     found[path] = (path, fs, self._cached_digest(root.spec.id, fs))
+                self._note_names(root, inside.unsendable)
                 continue
-            if not _is_regular(st.st_mode) or not matches(
-                root.spec.filter, name.rsplit("/", 1)[-1]
-            ):
+            base = name.rsplit("/", 1)[-1]
+            if not _is_regular(st.st_mode) or not matches(root.spec.filter, base):
+                continue
+            if base.startswith(TEMP_PREFIX) or f"/{STAGING_PREFIX}" in f"/{name}":
+                continue  # sbs's own, as for the scan
+            line = unsendable_line(name)
+            if line is not None:
+                self._note_names(root, [line])
                 continue
             fs = FileStat(path=name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
             found[name] = (name, fs, self._cached_digest(root.spec.id, fs))

@@ -38,6 +38,7 @@ __all__ = (
     "matches",
     "new_hasher",
     "scan_root",
+    "unsendable_line",
 )
 
 HASH_NAME = "xxh3-128"
@@ -127,6 +128,7 @@ def scan_root(
     *,
     windows: bool = True,
     on_folder: Callable[[list[FileStat]], None] | None = None,
+    prefix: str = "",
 ) -> ScanResult:
     """List every file under ``root`` (recursively) whose name matches ``pattern``.
 
@@ -140,6 +142,9 @@ def scan_root(
 
     ``on_folder`` is called with the files of each folder as soon as it is
     listed, so a caller can start on them while the rest is scanned.
+
+    ``prefix`` (``"sub/"``): ``root`` is that folder of a replicated one, and
+    the paths found are given from there.
     """
     result = ScanResult()
     try:
@@ -154,7 +159,32 @@ def scan_root(
         result.missing = True
         return result
 
-    return _Walk(pattern, windows=windows, on_folder=on_folder).run(os.fspath(root), result)
+    walk = _Walk(pattern, windows=windows, on_folder=on_folder)
+    return walk.run(os.fspath(root), prefix, result)
+
+
+def unsendable_line(rel: str, *, windows: bool = True) -> str | None:
+    """What a scan says of the file ``rel`` if its name keeps it from being replicated.
+
+    None if its name is fine. For a file found another way than by a scan
+    (a file event): the same rules, the same words. ``rel`` is a relative
+    POSIX path.
+    """
+    *folders, name = rel.split("/")
+    for depth, part in enumerate(folders):
+        reason = _component_problem(part, windows=windows)
+        if reason is not None:
+            folder = "/".join(folders[: depth + 1])
+            return f"folder {_shown(folder)} is not replicated: its name {reason}"
+    reason = _file_name_problem(name, rel, windows=windows)
+    return None if reason is None else f"{_shown(rel)} is not replicated: its name {reason}"
+
+
+def _file_name_problem(name: str, rel: str, *, windows: bool) -> str | None:
+    reason = _component_problem(name, windows=windows)
+    if reason is None and len(rel.encode("utf-8")) > MAX_PATH_BYTES:
+        reason = f"is longer than {MAX_PATH_BYTES} bytes"
+    return reason
 
 
 class _Walk:
@@ -168,8 +198,8 @@ class _Walk:
         self.on_folder = on_folder
         self.pending: list[tuple[str, str]] = []
 
-    def run(self, root: str, result: ScanResult) -> ScanResult:
-        self.pending.append((root, ""))
+    def run(self, root: str, prefix: str, result: ScanResult) -> ScanResult:
+        self.pending.append((root, prefix))
         while self.pending:
             folder, prefix = self.pending.pop()
             found: list[FileStat] = []
@@ -213,9 +243,7 @@ class _Walk:
             if not entry.is_file(follow_symlinks=False):
                 result.unsendable.append(f"{_shown(rel)} is not replicated: not a regular file")
                 return None
-            reason = _component_problem(name, windows=self.windows)
-            if reason is None and len(rel.encode("utf-8")) > MAX_PATH_BYTES:
-                reason = f"is longer than {MAX_PATH_BYTES} bytes"
+            reason = _file_name_problem(name, rel, windows=self.windows)
             if reason is not None:
                 result.unsendable.append(f"{_shown(rel)} is not replicated: its name {reason}")
                 return None
