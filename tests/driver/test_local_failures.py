@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import anyio
 import pytest
 from memorypair import A_HOST, B_HOST, FOLDERS, make_node, node_in_memory, start_pair, tree
 
+from sbs_core.alerts.events import AlertEvent
 from sbs_core.sync import engine
 from sbs_core.sync import index as index_module
 from sbs_core.sync.direct import MIN_SIZE
@@ -107,6 +109,15 @@ async def test_a_file_that_cannot_be_read_is_named_once_and_goes_once_it_can(
         for name, local, remote in (("a", A_HOST, B_HOST), ("b", B_HOST, A_HOST))
     )
     others = {name: data for name, data in files.items() if name != "file2.bin"}
+    # The alert is raised by the reading thread: it must reach the alerts on the loop's.
+    published: list[tuple[str, str, int]] = []
+    real_publish = a._notifier.publish
+
+    def publish(event: AlertEvent) -> None:
+        published.append((event.kind, event.message, threading.get_ident()))
+        real_publish(event)
+
+    monkeypatch.setattr(a._notifier, "publish", publish)
 
     caplog.set_level(logging.WARNING, logger="sbs")
     async with anyio.create_task_group() as tg:
@@ -124,7 +135,9 @@ async def test_a_file_that_cannot_be_read_is_named_once_and_goes_once_it_can(
                 await anyio.sleep(0.02)
         assert a.status()["not_replicated"] == 1
         warned = [r for r in caplog.records if "'file2.bin' is not replicated" in r.getMessage()]
-        assert len(warned) == 1
+        assert len(warned) == 2  # the line, and the alert's
+        [alert] = [p for p in published if "not replicated" in p[1]]
+        assert alert == ("replication_failed", f"not replicated: {line}", threading.get_ident())
 
         refused["now"] = False  # its owner makes it readable
         with anyio.fail_after(20):

@@ -502,8 +502,11 @@ def test_what_the_primary_cannot_replicate_is_named_once_in_its_log_and_status(
             timeout=10,
         )
         log = log_text(pair.a)
-        assert log.count("'jobs/a:b.lab' is not replicated") == 1
-        assert log.count("'pipe.lab' is not replicated") == 1
+        assert log.count(f"sbs.sync: {src}: 'jobs/a:b.lab' is not replicated") == 1
+        assert log.count(f"sbs.sync: {src}: 'pipe.lab' is not replicated") == 1
+        # One alert for the two, found by the same scan.
+        assert log.count("replication_failed: not replicated: ") == 1
+        assert "(and 1 more: sbs status --json)" in log
 
         # Put right, the files go, and the status forgets them.
         (src / "jobs" / "a:b.lab").rename(src / "jobs" / "a-b.lab")
@@ -929,9 +932,10 @@ def test_a_name_that_cannot_be_replicated_seen_by_a_file_event_is_named_not_sent
         assert f"{src}: 'new/p?q.lab' is not replicated: its name" in named
         assert status_of(pair.a)["last_scan_at"] == scanned  # no full scan meanwhile
         log = log_text(pair.a)
-        assert log.count("'x:y.lab' is not replicated") == 1
+        assert log.count(f"sbs.sync: {src}: 'x:y.lab' is not replicated") == 1
         assert "unsafe path" not in log
-        assert "replication_failed" not in log
+        assert "replication_failed: replication cycle" not in log  # no failed cycle
+        assert "replication_failed: not replicated: " in log  # but a warning
         assert listing(dst) == {"fine.lab": len(b"replicated\n"), "new/ok.lab": len(b"fine\n")}
 
 

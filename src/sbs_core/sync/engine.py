@@ -333,7 +333,8 @@ class SyncEngine:
     def __init__(self, config: Config, *, link: Link, alert: Alert) -> None:
         self.config = config
         self._link = link
-        self._alert = alert
+        self._deliver = alert
+        self._loop_thread: int | None = None  # the event loop's (see _alert)
         self._state_dir = config.node.state_dir
         self._index: HashIndex | None = None
         self._local: dict[tuple[str, str], _Local] = {}
@@ -378,6 +379,7 @@ class SyncEngine:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        self._loop_thread = threading.get_ident()
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._index = await anyio.to_thread.run_sync(HashIndex, self._state_dir / "hashes.db")
         try:
@@ -956,6 +958,23 @@ class SyncEngine:
         self._note_left_out(root, scan)
         return deletes
 
+    def _alert(self, kind: str, message: str, level: Literal["info", "warning", "error"]) -> None:
+        """Raise an alert; from a worker thread (a scan's findings), on the event loop.
+
+        The alerts' queues belong to the loop: set from another thread, their
+        waiting task would only notice at the loop's next wake-up.
+        """
+        if self._loop_thread in (None, threading.get_ident()):
+            self._deliver(kind, message, level)
+        else:
+            anyio.from_thread.run_sync(self._deliver, kind, message, level)
+
+    def _alert_left_out(self, new: Sequence[str]) -> None:
+        """One alert for the files newly found left out (called without the lock held)."""
+        if new:
+            more = f" (and {len(new) - 1} more: sbs status --json)" if len(new) > 1 else ""
+            self._alert("replication_failed", f"not replicated: {new[0]}{more}", "warning")
+
     def _note_left_out(self, root: LocalRoot, scan: ScanResult) -> None:
         """Log what a full scan found that cannot be replicated, once while it stays so."""
         root_id = root.spec.id
@@ -964,33 +983,38 @@ class SyncEngine:
             lines = [f"{root.path}: {line}" for line in scan.unsendable]
             if not scan.complete:  # what was not listed may still be there
                 lines += [line for line in before if line not in lines]
-            for line in lines:
-                if line not in before:
-                    logger.warning("%s", line)
+            new = [line for line in lines if line not in before]
+            for line in new:
+                logger.warning("%s", line)
             self._left_out[root_id] = lines
             if scan.complete:
                 for key in [k for k in self._unreadable if k[0] == root_id]:
                     if key[1] not in scan.files:  # deleted, or no longer a file to send
                         del self._unreadable[key]
             self._show_left_out()
+        self._alert_left_out(new)
 
     def _note_names(self, root: LocalRoot, found: Sequence[str]) -> None:
         """Log what a cycle without a full scan found that cannot be replicated, as it does."""
         if not found:
             return
+        new = []
         with self._left_out_lock:
             lines = self._left_out.setdefault(root.spec.id, [])
             for line in (f"{root.path}: {line}" for line in found):
                 if line not in lines:
                     logger.warning("%s", line)
                     lines.append(line)
+                    new.append(line)
             self._show_left_out()
+        self._alert_left_out(new)
 
     def _note_unreadable(
         self, root: LocalRoot, failed: Iterable[tuple[str, str]], read: Iterable[str]
     ) -> None:
         """Log files that could not be read, once per reason; forget those read since."""
         root_id = root.spec.id
+        new = []
         with self._left_out_lock:
             if self._unreadable:
                 for path in read:
@@ -1000,7 +1024,9 @@ class SyncEngine:
                 if self._unreadable.get((root_id, path)) != line:
                     logger.warning("%s", line)
                     self._unreadable[(root_id, path)] = line
+                    new.append(line)
             self._show_left_out()
+        self._alert_left_out(new)
 
     def _forget_left_out(self) -> None:
         with self._left_out_lock:
