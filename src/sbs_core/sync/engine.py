@@ -53,6 +53,7 @@ from sbs_core.messages import (
     SyncStart,
 )
 from sbs_core.sync.apply import (
+    _READ_FLAGS,  # never through a link; a FIFO put in a file's place does not hang
     WHOLE_FILE_MAX,
     Applier,
     FileIdentity,
@@ -150,14 +151,6 @@ WATCH_RETURN_MS = 10_000
 # 0.02-0.1 s for 20,000 files, 0.5 s for 200,000; listing the folders is most of it).
 WATCH_SETTLE_WAIT = 2.0
 NOT_REPLICATED_SHOWN = 20  # in the status; the log names each once
-# Reading a file to send: never through a link, and a FIFO put in a file's place
-# since the scan must not hang the open (it is then not a regular file: skipped).
-_READ_FLAGS = (
-    os.O_RDONLY
-    | getattr(os, "O_BINARY", 0)
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_NONBLOCK", 0)
-)
 
 
 class LinkClosed(SbsError, ConnectionError):
