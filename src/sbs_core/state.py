@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from sbs_core import durable
 from sbs_core.errors import SbsError
 from sbs_core.machine import PersistedState
 from sbs_core.messages import Role
@@ -43,23 +44,13 @@ def write_atomically(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            durable.flush(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if sys.platform == "win32":
-        return  # NTFS has no directory fsync; the rename is journaled
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.flush_folder(path.parent)
 
 
 class StateStore:

@@ -13,7 +13,9 @@ one ``fsync`` per file (thousands of small files would otherwise cost
 thousands of disk flushes), then the renames, then one ``fsync`` per folder.
 A small batch (:data:`FLUSH_EACH_MAX` files), and every batch elsewhere, has
 each temporary file fsynced, a few at a time in worker threads: ``syncfs``
-would also wait for other programs' unwritten data. The flush
+would also wait for other programs' unwritten data. On macOS the files'
+``fsync`` calls are followed by one flush of the drive's cache, and so are
+the folders' (see :mod:`sbs_core.durable`). The flush
 (:meth:`Applier.flush`) may run apart, while the next batch is written.
 
 A file whose folder does not exist yet (most of a first sync) needs no rename
@@ -66,6 +68,7 @@ from typing import Literal
 
 import xxhash
 
+from sbs_core import durable
 from sbs_core.errors import LocalProtocolError, SbsError
 from sbs_core.state import write_atomically
 from sbs_core.sync import direct
@@ -903,18 +906,14 @@ class Applier:
         self._forget_checks()  # the next batch checks its folders again
         self._remove_hidden(stagings)
 
-        if self.durable and not _WINDOWS:
-            for folder, indexes in sorted(folders.items()):
-                try:
-                    _fsync_folder(folder)
-                except OSError as exc:
-                    for i in indexes:
-                        outcomes[i] = Outcome(
-                            batch[i].root_id,
-                            batch[i].path,
-                            "retry",
-                            f"written, but its folder could not be flushed: {_why(exc)}",
-                        )
+        if self.durable:
+            for i, why in _flush_folders(folders).items():
+                outcomes[i] = Outcome(
+                    batch[i].root_id,
+                    batch[i].path,
+                    "retry",
+                    f"written, but its folder could not be flushed: {why}",
+                )
         return [o for o in outcomes if o is not None]
 
     def _move_stagings(
@@ -1031,18 +1030,14 @@ class Applier:
             if deleted:
                 folders.setdefault(target.parent, []).append(len(outcomes))
             outcomes.append(outcome)
-        if self.durable and not _WINDOWS:
-            for folder, indexes in sorted(folders.items()):
-                try:
-                    _fsync_folder(folder)
-                except OSError as exc:
-                    for i in indexes:
-                        outcomes[i] = Outcome(
-                            root_id,
-                            outcomes[i].path,
-                            "retry",
-                            f"deleted, but its folder could not be flushed: {_why(exc)}",
-                        )
+        if self.durable:
+            for i, why in _flush_folders(folders).items():
+                outcomes[i] = Outcome(
+                    root_id,
+                    outcomes[i].path,
+                    "retry",
+                    f"deleted, but its folder could not be flushed: {why}",
+                )
         return outcomes
 
     def keep_conflict(
@@ -1109,8 +1104,8 @@ class Applier:
             shutil.rmtree(place.folder, ignore_errors=True)  # empty: the copy makes its own
             return None
         info = os.lstat(kept)
-        if self.durable and not _WINDOWS:
-            _fsync_folder(source.parent)  # the name left the synced folder
+        if self.durable:
+            durable.flush_folder(source.parent)  # the name left the synced folder
         self._describe_conflict(place, root_id, path, original, reason, info)
         return kept
 
@@ -1163,9 +1158,9 @@ class Applier:
         )
         write_atomically(folder / "conflict.json", (json.dumps(details, indent=1) + "\n").encode())
         write_atomically(folder / "README.txt", readme.encode("utf-8"))
-        if self.durable and not _WINDOWS:
+        if self.durable:
             for flushed in sorted({kept.parent, *(c.parent for c in created)}):
-                _fsync_folder(flushed)
+                durable.flush_folder(flushed)
 
     def abort_all(self) -> int:
         """Abort every transfer still pending through this Applier; return how many.
@@ -1463,31 +1458,63 @@ def _flush_files(paths: Sequence[str]) -> list[str | None]:
             os.close(fd)
         return [None] * len(paths)
     with ThreadPoolExecutor(max_workers=min(_FSYNC_THREADS, len(paths))) as pool:
-        return list(pool.map(_fsync_file, paths))
+        reasons = list(pool.map(_fsync_file, paths))
+    flushed = [i for i, reason in enumerate(reasons) if reason is None]
+    if flushed and durable.DRIVE_APART:
+        # One flush of the drive's cache for the whole batch (see sbs_core.durable).
+        try:
+            _fsync_path(paths[flushed[0]])
+        except OSError as exc:
+            for i in flushed:
+                reasons[i] = _why(exc)
+    return reasons
 
 
 def _fsync_file(path: str | Path) -> str | None:
+    """Hand one file of a batch to the drive (:func:`_flush_files` flushes its cache after)."""
     try:
-        _fsync_path(path)
+        _fsync_path(path, drive=False)
     except OSError as exc:
         return _why(exc)
     return None
 
 
-def _fsync_path(path: str | Path) -> None:
+def _fsync_path(path: str | Path, *, drive: bool = True) -> None:
+    """Flush one file, past the drive's cache unless ``drive`` is False (see sbs_core.durable)."""
     fd = os.open(path, _FLUSH_FLAGS)
     try:
-        os.fsync(fd)
+        if drive:
+            durable.flush(fd)
+        else:
+            durable.hand_over(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _flush_folders(folders: Mapping[Path, list[int]]) -> dict[int, str]:
+    """Flush each folder's entries, then the drive's cache once; why each file failed.
+
+    ``folders`` maps each folder to the indexes of the files it holds (or no
+    longer holds); the answer maps the index of each file whose folder could
+    not be flushed to the reason. Nothing on Windows (see sbs_core.durable).
+    """
+    failed: dict[int, str] = {}
+    flushed: list[int] = []
+    last: Path | None = None
+    for folder, indexes in sorted(folders.items()):
+        try:
+            durable.flush_folder(folder, drive=False)
+        except OSError as exc:
+            failed.update(dict.fromkeys(indexes, _why(exc)))
+        else:
+            flushed.extend(indexes)
+            last = folder
+    if last is not None and durable.DRIVE_APART:
+        try:
+            durable.flush_folder(last)
+        except OSError as exc:
+            failed.update(dict.fromkeys(flushed, _why(exc)))
+    return failed
 
 
 def _make_root(root: Path) -> tuple[Path, ...]:
