@@ -181,19 +181,29 @@ _SYNCFS = _find_syncfs()
 # Times set through the open file: no path lookup (not on Windows).
 _FD_TIMES = os.utime in os.supports_fd
 
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
+if sys.platform == "darwin":
+    # renameatx_np (macOS 10.12): its RENAME_EXCL and RENAME_SWAP are Linux's
+    # RENAME_NOREPLACE and RENAME_EXCHANGE, under other numbers.
+    _RENAME_FUNCTION = "renameatx_np"
+    _AT_FDCWD = -2
+    _RENAME_NOREPLACE = 0x4
+    _RENAME_EXCHANGE = 0x2
+else:
+    _RENAME_FUNCTION = "renameat2"
+    _AT_FDCWD = -100
+    _RENAME_NOREPLACE = 1
+    _RENAME_EXCHANGE = 2
 
 
 def _find_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
-    if not sys.platform.startswith("linux"):
+    """``renameat2`` on Linux, ``renameatx_np`` on macOS: the same arguments."""
+    if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.renameat2
+        function = libc[_RENAME_FUNCTION]
     except (OSError, AttributeError):
-        return None  # glibc older than 2.28
+        return None  # glibc older than 2.28, macOS older than 10.12
     function.argtypes = [
         ctypes.c_int,
         ctypes.c_char_p,
@@ -230,7 +240,8 @@ def _rename2(source: str | Path, target: str | Path, flags: int) -> None:
     if function(_AT_FDCWD, _encoded(source), _AT_FDCWD, _encoded(target), flags) == 0:
         return
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    # (ENOTSUP is EOPNOTSUPP on Linux; on macOS a filesystem without the swap says it.)
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
         raise _NoAtomicSwap
     raise OSError(code, os.strerror(code), str(source), None, str(target))
 
