@@ -398,9 +398,10 @@ class NodeConfig(_Section):
 
     durable_writes: bool = True
     """Flush received files to disk before they replace the old copies (one ``syncfs``
-    per batch of more than 256 files on Linux, else an ``fsync`` per file). Turning it
-    off is faster and loses the last files on a power cut; it exists to measure what
-    durability costs."""
+    per batch of more than 256 files on Linux, else an ``fsync`` per file; on macOS
+    also one ``F_FULLFSYNC`` per batch, which makes the drive write its cache).
+    Turning it off is faster and loses the last files on a power cut; it exists to
+    measure what durability costs."""
 
     max_delete: int | str = "50%"
     """Cap on strict-sync deletions in one folder and one cycle: a count (``100``) or a
