@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_a_folder_handed_over_is_not_flushed_past_the_drive(tmp_path: Path, mac:
 
 
 def test_windows_has_no_folder_to_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(durable.sys, "platform", "win32")
+    monkeypatch.setattr(sys, "platform", "win32")
     durable.flush_folder(tmp_path / "not there")  # not even opened
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sbs_core import durable
 from sbs_core.sync import apply, direct
 from sbs_core.sync.apply import Applier, Incoming
 from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError, check_wire_path
@@ -250,7 +251,7 @@ def test_a_durable_commit_flushes_every_folder_the_new_one_brings(
     def flush_folder(folder: Path, *, drive: bool = True) -> None:
         flushed.append(folder)  # (Windows has nothing to flush: sbs_core.durable)
 
-    monkeypatch.setattr(apply.durable, "flush_folder", flush_folder)
+    monkeypatch.setattr(durable, "flush_folder", flush_folder)
     applier = make_applier(root, durable=True)
     batch = [write(applier, "new/deep/a.lab", b"a")]
 
