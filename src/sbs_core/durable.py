@@ -11,8 +11,9 @@ flush.
 
 ``F_FULLFSYNC`` writes the drive's whole cache, and takes as long as that: a
 batch of many files is flushed with :func:`hand_over` each (the plain
-``fsync``), then one :func:`flush_drive`, instead of a cache flush per file.
-Elsewhere :func:`flush_drive` has nothing to do (:data:`DRIVE_APART` is False).
+``fsync``), then one :func:`flush` of any of them, instead of a cache flush
+per file. Elsewhere that last flush has nothing left to do, and
+:data:`DRIVE_APART` (False) tells the caller to skip it.
 
 :func:`flush_folder` makes a folder's entries durable (a name renamed in or
 out). Windows cannot open a folder to flush it, and NTFS journals its renames:
@@ -26,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ("DRIVE_APART", "flush", "flush_drive", "flush_folder", "hand_over")
+__all__ = ("DRIVE_APART", "flush", "flush_folder", "hand_over")
 
 if sys.platform == "darwin":
     import fcntl
@@ -70,12 +71,6 @@ def flush(fd: int) -> None:
         if exc.errno not in _UNSUPPORTED:
             raise
         os.fsync(fd)
-
-
-def flush_drive(fd: int) -> None:
-    """After :func:`hand_over` of many files: write the drive's cache (``fd``: any of them)."""
-    if _FULLFSYNC is not None:
-        flush(fd)
 
 
 def flush_folder(folder: str | Path, *, drive: bool = True) -> None:
