@@ -79,29 +79,29 @@ def mac(flushes: Flushes, monkeypatch: pytest.MonkeyPatch) -> Flushes:
     return flushes
 
 
-def test_here_a_flush_is_fsync_and_the_drive_needs_nothing_more(
-    tmp_path: Path, flushes: Flushes
-) -> None:
-    path = tmp_path / "f"
+def _flush_a_file(folder: Path) -> tuple[str, int]:
+    """Write a file in ``folder`` and :func:`durable.flush` it; how :class:`Flushes` names it."""
+    path = folder / "f"
     path.write_bytes(b"x")
     fd = os.open(path, os.O_RDONLY)
     try:
         durable.flush(fd)
     finally:
         os.close(fd)
-    assert flushes.fsync == [("file", path.stat().st_ino)]
+    return ("file", path.stat().st_ino)
+
+
+def test_here_a_flush_is_fsync_and_the_drive_needs_nothing_more(
+    tmp_path: Path, flushes: Flushes
+) -> None:
+    flushed = _flush_a_file(tmp_path)
+    assert flushes.fsync == [flushed]
     assert durable.DRIVE_APART is (sys.platform == "darwin")
 
 
 def test_on_macos_a_flush_asks_the_drive_to_write_its_cache(tmp_path: Path, mac: Flushes) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"x")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        durable.flush(fd)
-    finally:
-        os.close(fd)
-    assert mac.full == [("file", path.stat().st_ino)]
+    flushed = _flush_a_file(tmp_path)
+    assert mac.full == [flushed]
     assert mac.fsync == []  # F_FULLFSYNC does what fsync does, and more
 
 
