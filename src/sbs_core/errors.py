@@ -9,6 +9,7 @@ broke the protocol.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 __all__ = (
@@ -22,6 +23,7 @@ __all__ = (
     "RemoteProtocolError",
     "SbsError",
     "UnknownSentinelError",
+    "os_reason",
 )
 
 
@@ -99,3 +101,12 @@ class UnknownSentinelError(SbsError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown sentinel"
+
+
+def os_reason(exc: OSError) -> str:
+    """Why a system call failed, as an operator reads it: "Permission denied"."""
+    if exc.strerror:
+        return exc.strerror
+    if exc.errno is not None:
+        return errno.errorcode.get(exc.errno, f"error {exc.errno}")
+    return str(exc) or type(exc).__name__

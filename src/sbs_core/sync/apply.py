@@ -69,7 +69,7 @@ from typing import Literal
 import xxhash
 
 from sbs_core import durable
-from sbs_core.errors import LocalProtocolError, SbsError
+from sbs_core.errors import LocalProtocolError, SbsError, os_reason
 from sbs_core.state import write_atomically
 from sbs_core.sync import direct
 from sbs_core.sync.paths import (
@@ -845,7 +845,7 @@ class Applier:
                         info = os.stat(incoming._temp)
                     incoming._finished_info = info
             except OSError as exc:
-                reasons[i] = f"cannot prepare the file: {_why(exc)}"
+                reasons[i] = f"cannot prepare the file: {os_reason(exc)}"
                 continue
             by_device.setdefault(info.st_dev, []).append(i)
         if self.durable:
@@ -986,7 +986,7 @@ class Applier:
         except UnsafePathError as exc:
             return incoming._drop("refused", exc.reason or str(exc))
         except OSError as exc:
-            return incoming._drop("retry", f"cannot make its folder: {_why(exc)}")
+            return incoming._drop("retry", f"cannot make its folder: {os_reason(exc)}")
         for folder in created:
             folders.setdefault(folder.parent, [])
         return None
@@ -1250,7 +1250,7 @@ class Applier:
         except UnsafePathError as exc:
             return incoming._drop("refused", exc.reason or str(exc))
         except OSError as exc:
-            return incoming._drop("retry", f"cannot check the path: {_why(exc)}")
+            return incoming._drop("retry", f"cannot check the path: {os_reason(exc)}")
         if target != incoming._target:
             return incoming._drop("retry", "its folder moved while the file was received")
         kept = None
@@ -1264,7 +1264,7 @@ class Applier:
         except OSError as exc:
             if _WINDOWS and os.path.isdir(target):
                 return incoming._drop("retry", "a folder is in the way")
-            return incoming._drop("retry", f"cannot replace the file: {_why(exc)}")
+            return incoming._drop("retry", f"cannot replace the file: {os_reason(exc)}")
         outcome = incoming._committed()
         return outcome if kept is None else dataclasses.replace(outcome, kept=kept)
 
@@ -1316,7 +1316,8 @@ class Applier:
         except (FileNotFoundError, NotADirectoryError):
             return Outcome(root_id, path, "applied", "already absent"), False
         except OSError as exc:
-            return Outcome(root_id, path, "retry", f"cannot delete the file: {_why(exc)}"), False
+            reason = f"cannot delete the file: {os_reason(exc)}"
+            return Outcome(root_id, path, "retry", reason), False
         try:
             if not stat.S_ISREG(os.lstat(aside).st_mode):
                 # Became a folder or a link since the check: never deleted, put back.
@@ -1325,7 +1326,7 @@ class Applier:
             kept = self._settle_displaced(root_id, path, target, aside, expected, swapped=False)
         except OSError as exc:
             return Outcome(
-                root_id, path, "retry", f"cannot keep this node's copy: {_why(exc)}"
+                root_id, path, "retry", f"cannot keep this node's copy: {os_reason(exc)}"
             ), False
         return Outcome(root_id, path, "applied", kept=kept), True
 
@@ -1458,7 +1459,7 @@ def _flush_files(paths: Sequence[str]) -> list[str | None]:
         try:
             fd = os.open(os.path.dirname(paths[0]), os.O_RDONLY)
         except OSError as exc:
-            return [_why(exc)] * len(paths)
+            return [os_reason(exc)] * len(paths)
         try:
             # A fresh fd still reports writeback errors nobody has seen yet,
             # but not which file had them: the whole group must come again.
@@ -1477,7 +1478,7 @@ def _flush_files(paths: Sequence[str]) -> list[str | None]:
             _fsync_path(paths[flushed[0]])
         except OSError as exc:
             for i in flushed:
-                reasons[i] = _why(exc)
+                reasons[i] = os_reason(exc)
     return reasons
 
 
@@ -1486,7 +1487,7 @@ def _fsync_file(path: str | Path) -> str | None:
     try:
         _fsync_path(path, drive=False)
     except OSError as exc:
-        return _why(exc)
+        return os_reason(exc)
     return None
 
 
@@ -1516,7 +1517,7 @@ def _flush_folders(folders: Mapping[Path, list[int]]) -> dict[int, str]:
         try:
             durable.flush_folder(folder, drive=False)
         except OSError as exc:
-            failed.update(dict.fromkeys(indexes, _why(exc)))
+            failed.update(dict.fromkeys(indexes, os_reason(exc)))
         else:
             flushed.extend(indexes)
             last = folder
@@ -1524,7 +1525,7 @@ def _flush_folders(folders: Mapping[Path, list[int]]) -> dict[int, str]:
         try:
             durable.flush_folder(last)
         except OSError as exc:
-            failed.update(dict.fromkeys(flushed, _why(exc)))
+            failed.update(dict.fromkeys(flushed, os_reason(exc)))
     return failed
 
 
@@ -1675,7 +1676,7 @@ def _delete_file(
     except (FileNotFoundError, NotADirectoryError):
         return Outcome(root_id, path, "applied", "already absent"), False
     except OSError as exc:
-        return Outcome(root_id, path, "retry", f"cannot read the file: {_why(exc)}"), False
+        return Outcome(root_id, path, "retry", f"cannot read the file: {os_reason(exc)}"), False
     if _is_link(info):
         reason = "a symbolic link, which sync never deletes"
         return Outcome(root_id, path, "refused", reason), False
@@ -1690,7 +1691,7 @@ def _delete_file(
     except FileNotFoundError:
         return Outcome(root_id, path, "applied", "already absent"), False
     except OSError as exc:
-        return Outcome(root_id, path, "retry", f"cannot delete the file: {_why(exc)}"), False
+        return Outcome(root_id, path, "retry", f"cannot delete the file: {os_reason(exc)}"), False
     return Outcome(root_id, path, "applied"), True
 
 
@@ -1717,7 +1718,3 @@ def _folder_name(root_id: str) -> str:
 def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__

@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sbs_core.config import Config
-from sbs_core.errors import ForgedFrameError, RemoteProtocolError, SbsError
+from sbs_core.errors import ForgedFrameError, RemoteProtocolError, SbsError, os_reason
 from sbs_core.machine import ConnId
 from sbs_core.messages import (
     Credit,
@@ -60,7 +60,6 @@ from sbs_core.sync.apply import (
     Incoming,
     IntegrityError,
     Outcome,
-    _why,
     deletion_allowed,
     identity_of,
 )
@@ -1687,7 +1686,7 @@ def _open_group(
             except OSError as exc:
                 missing.append(st.size)
                 if not _vanished(exc):
-                    failed.append((path, _why(exc)))
+                    failed.append((path, os_reason(exc)))
                 continue
             group.append(large)
             taken += first
@@ -1942,7 +1941,7 @@ def _read_batch(
             fd = os.open(prefix + path, _READ_FLAGS)
         except OSError as exc:
             if not _vanished(exc):
-                failed.append((path, _why(exc)))
+                failed.append((path, os_reason(exc)))
             continue
         try:
             before = os.fstat(fd)
@@ -1958,7 +1957,7 @@ def _read_batch(
             after = os.fstat(fd)
         except OSError as exc:
             if not _vanished(exc):
-                failed.append((path, _why(exc)))
+                failed.append((path, os_reason(exc)))
             continue
         finally:
             os.close(fd)

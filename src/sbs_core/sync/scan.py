@@ -13,7 +13,6 @@ unreadable folder must not look like a folder whose files were deleted.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import functools
 import os
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
+from sbs_core.errors import os_reason
 
 from .paths import MAX_PATH_BYTES, STAGING_PREFIX, TEMP_PREFIX, _component_problem, _shown
 
@@ -153,7 +154,7 @@ def scan_root(
         result.missing = True
         return result
     except OSError as exc:
-        result.errors.append(f"cannot read folder {_printable(root)}: {_os_reason(exc)}")
+        result.errors.append(f"cannot read folder {_printable(root)}: {os_reason(exc)}")
         return result
     if not stat.S_ISDIR(info.st_mode):
         result.missing = True
@@ -213,7 +214,7 @@ class _Walk:
                 if isinstance(exc, FileNotFoundError):
                     reason = "it vanished during the scan"
                 else:
-                    reason = _os_reason(exc)
+                    reason = os_reason(exc)
                 result.errors.append(f"cannot list folder {_printable(folder)}: {reason}")
             if found and self.on_folder is not None:
                 self.on_folder(found)
@@ -254,7 +255,7 @@ class _Walk:
             # Deleted since the folder was listed: it is simply not there any more.
             return None
         except OSError as exc:
-            result.errors.append(f"cannot read {_printable(entry.path)}: {_os_reason(exc)}")
+            result.errors.append(f"cannot read {_printable(entry.path)}: {os_reason(exc)}")
             return None
         st = result.files[rel] = FileStat(rel, info.st_size, info.st_mtime_ns, ino)
         return st
@@ -331,14 +332,6 @@ def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> FileDigest | None:
     ):
         return None
     return FileDigest(hasher.hexdigest(), before.st_size, before.st_mtime_ns)
-
-
-def _os_reason(exc: OSError) -> str:
-    if exc.strerror:
-        return exc.strerror
-    if exc.errno is not None:
-        return errno.errorcode.get(exc.errno, f"error {exc.errno}")
-    return str(exc) or type(exc).__name__
 
 
 def _printable(path: str | os.PathLike[str]) -> str:
