@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import pytest
 from anyio.abc import TaskGroup
 from memorypair import node_in_memory
 
+from sbs_core import driver
 from sbs_core.driver import Node
 from sbs_core.machine import PersistedState
 from sbs_core.testing import FakeController
@@ -311,3 +312,43 @@ async def test_a_node_taking_over_starts_its_sentinels_only_once_its_new_epoch_i
         assert loaded is not None
         assert (loaded.role, loaded.epoch) == ("primary", 2)
         b.scope.cancel()
+
+
+class _StuckController(FakeController):
+    """Sentinels that never finish stopping: an unkillable child."""
+
+    async def stop_sentinels(self, names: Sequence[str] | None = None) -> None:
+        await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+async def test_a_planned_stop_that_hangs_ends_after_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(driver, "_STOP_GRACE", 0.3)
+    node = node_in_memory(
+        tmp_path,
+        MemoryNetwork(),
+        "a",
+        "10.9.0.1",
+        "10.9.0.2",
+        sentinels=SENTINELS,
+        heartbeat_interval=HB,
+        dead_time=DEAD,
+        node_extra={"final_cycle_timeout": 0.2},
+    )
+    node._controller_override = _StuckController(SENTINELS)
+    bound = 0.2 + 2.0 + 0.3  # final cycle, the controller's stop_timeout, the grace
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node.run)
+        with anyio.fail_after(5):
+            while node.status().get("sentinels") != list(SENTINELS):
+                await anyio.sleep(0.01)
+        began = anyio.current_time()
+        node.request_stop()
+        with anyio.fail_after(bound + 3):
+            while node._tg is not None:
+                await anyio.sleep(0.01)
+    took = anyio.current_time() - began
+    assert bound - 0.1 <= took < bound + 1.0
+    assert f"planned stop did not finish within {bound:.0f} s" in caplog.text
