@@ -12,7 +12,8 @@ For each data set (generated from a fixed seed), it times, alternating the tools
 2. incremental ("small" only): 10 files changed on the primary -> all 10
    byte-identical on the secondary; then the same while another program has
    512 MiB written to the same filesystem and not yet on the disk;
-3. idle CPU ("small" only): both nodes over 310 s with nothing changing;
+3. idle CPU ("small" only): both nodes over 310 s with nothing changing, beside
+   processes that only sleep, measured over the same window;
 4. peak memory (VmHWM) of both nodes while replicating "small" and "large";
 5. heartbeats during the transfers: ``peer.longest_silence`` on both nodes, and
    no takeover (roles and epochs unchanged); each run's line also shows each
@@ -448,6 +449,8 @@ class Steady:
     incremental_busy: Series = field(default_factory=Series)
     cpu_a: float | None = None
     cpu_b: float | None = None
+    # The same window's CPU of processes that do nothing but sleep (IDLE_REFERENCES).
+    references: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
 
@@ -1031,21 +1034,50 @@ def incremental(
         time.sleep(1.0)
 
 
+# For scale beside the idle figure: processes that do nothing but sleep, measured
+# over the same window. On some virtual machines every wake-up from an idle CPU
+# is charged a millisecond or more to the process woken, whatever it then does.
+IDLE_REFERENCES = {
+    "a process sleeping 1 s at a time": "import time\nwhile True:\n    time.sleep(1.0)\n",
+    "an asyncio loop waking 4 times a second (about an idle secondary's count)": (
+        "import asyncio\n"
+        "async def main():\n"
+        "    while True:\n"
+        "        await asyncio.sleep(0.25)\n"
+        "asyncio.run(main())\n"
+    ),
+}
+
+
 def idle_cpu(run: PairRun, out: Steady, say: Callable[[str], None]) -> None:
     a, b = run.pair.a, run.pair.b
-    time.sleep(3.0)
-    roles_before = node_roles(run.pair)
-    began = time.monotonic()
-    cpu_a, cpu_b = proc_cpu_seconds(a.pid), proc_cpu_seconds(b.pid)
-    say(f"  idle: measuring both nodes' CPU for {IDLE_SECONDS:.0f} s")
-    time.sleep(IDLE_SECONDS)
-    used_a, used_b = proc_cpu_seconds(a.pid) - cpu_a, proc_cpu_seconds(b.pid) - cpu_b
-    elapsed = time.monotonic() - began
+    references = {
+        name: subprocess.Popen([sys.executable, "-c", code])
+        for name, code in IDLE_REFERENCES.items()
+    }
+    try:
+        time.sleep(3.0)
+        roles_before = node_roles(run.pair)
+        began = time.monotonic()
+        cpu_a, cpu_b = proc_cpu_seconds(a.pid), proc_cpu_seconds(b.pid)
+        cpu_ref = {name: proc_cpu_seconds(p.pid) for name, p in references.items()}
+        say(f"  idle: measuring both nodes' CPU for {IDLE_SECONDS:.0f} s")
+        time.sleep(IDLE_SECONDS)
+        used_a, used_b = proc_cpu_seconds(a.pid) - cpu_a, proc_cpu_seconds(b.pid) - cpu_b
+        used_ref = {name: proc_cpu_seconds(p.pid) - cpu_ref[name] for name, p in references.items()}
+        elapsed = time.monotonic() - began
+    finally:
+        for process in references.values():
+            process.kill()
+            process.wait(STOP_TIMEOUT)
     out.cpu_a = 100 * used_a / elapsed
     out.cpu_b = 100 * used_b / elapsed
+    out.references = {name: 100 * used / elapsed for name, used in used_ref.items()}
     if node_roles(run.pair) != roles_before:
         raise RunFailed(f"idle: roles changed from {roles_before} to {node_roles(run.pair)}")
     say(f"  idle CPU over {elapsed:.1f} s: a {out.cpu_a:.2f} %, b {out.cpu_b:.2f} % of one core")
+    for name, share in out.references.items():
+        say(f"  for scale, {name}: {share:.2f} %")
 
 
 def wait_for_disk(ctx: Context, res: SetResult) -> float:
@@ -1328,6 +1360,16 @@ def steady_rows(steady: Steady | None) -> list[Row]:
                 f"< {TARGET_IDLE_CPU:g} % each",
                 max(steady.cpu_a, steady.cpu_b) < TARGET_IDLE_CPU,
             )
+        )
+        rows.extend(
+            Row(
+                f"↳ for scale, the same window: {name}, doing nothing else",
+                f"{share:.2f} %",
+                "—",
+                "—",
+                None,
+            )
+            for name, share in steady.references.items()
         )
     return rows
 
