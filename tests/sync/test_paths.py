@@ -18,9 +18,9 @@ from sbs_core.sync.paths import (
     UnsafePathError,
     _broken_component_rule,
     _broken_path_rule,
-    _component_problem,
     _path_problem,
     check_wire_path,
+    component_problem,
     resolve_inside,
 )
 
@@ -314,9 +314,7 @@ tricky_path = st.lists(tricky_piece, max_size=12).map("".join)
 def test_the_plain_path_shortcut_agrees_with_every_rule(path: str, windows: bool) -> None:
     assert _path_problem(path, windows=windows) == _broken_path_rule(path, windows=windows)
     name = path.rpartition("/")[2]
-    assert _component_problem(name, windows=windows) == _broken_component_rule(
-        name, windows=windows
-    )
+    assert component_problem(name, windows=windows) == _broken_component_rule(name, windows=windows)
     if len(path) > MAX_PATH_BYTES:
         assert _path_problem(path, windows=windows) is not None
 

@@ -88,6 +88,7 @@ from sbs_core.wire import SealedFrame
 __all__ = (
     "DEFAULT_MAX_DELETE_COUNT",
     "DEFAULT_MAX_DELETE_SHARE",
+    "READ_FLAGS",
     "WHOLE_FILE_MAX",
     "Applier",
     "FileIdentity",
@@ -117,8 +118,9 @@ _FSYNC_THREADS = 8
 FLUSH_EACH_MAX = 256
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
-# O_NONBLOCK: a FIFO planted where a file was expected must not hang the open.
-_READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | _BINARY | getattr(os, "O_NONBLOCK", 0)
+#: How a replicated file is opened for reading: never through a link, and with
+#: O_NONBLOCK, so that a FIFO planted where a file was expected cannot hang the open.
+READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | _BINARY | getattr(os, "O_NONBLOCK", 0)
 #: Files smaller than this may be given to :meth:`Applier.write_whole`: larger
 #: ones go past the page cache (see :mod:`sbs_core.sync.direct`), streamed.
 WHOLE_FILE_MAX = direct.MIN_SIZE
@@ -1078,7 +1080,7 @@ class Applier:
             if not stat.S_ISREG(os.lstat(source).st_mode):
                 # A folder blocks the rename; a link is replaced, never what it points to.
                 return None
-            fd = os.open(source, _READ_FLAGS)
+            fd = os.open(source, READ_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:

@@ -53,7 +53,7 @@ from sbs_core.messages import (
     SyncStart,
 )
 from sbs_core.sync.apply import (
-    _READ_FLAGS,  # never through a link; a FIFO put in a file's place does not hang
+    READ_FLAGS,  # never through a link; a FIFO put in a file's place does not hang
     WHOLE_FILE_MAX,
     Applier,
     FileIdentity,
@@ -64,7 +64,7 @@ from sbs_core.sync.apply import (
     identity_of,
 )
 from sbs_core.sync.index import HashIndex, IndexRow
-from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError, _shown
+from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError, quoted
 from sbs_core.sync.roots import (
     LocalRoot,
     load_peer_roots,
@@ -1012,7 +1012,7 @@ class SyncEngine:
                 for path in read:
                     self._unreadable.pop((root_id, path), None)
             for path, reason in failed:
-                line = f"{root.path}: {_shown(path)} is not replicated: cannot read it: {reason}"
+                line = f"{root.path}: {quoted(path)} is not replicated: cannot read it: {reason}"
                 if self._unreadable.get((root_id, path)) != line:
                     logger.warning("%s", line)
                     self._unreadable[(root_id, path)] = line
@@ -1716,7 +1716,7 @@ def _open_large(folder: Path, path: str) -> _LargeRead:
     A file that is no longer a regular file (a FIFO put in its place) raises
     :class:`IsADirectoryError`, which, as for a folder, means it is gone.
     """
-    fd = os.open(folder / path, _READ_FLAGS)
+    fd = os.open(folder / path, READ_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IsADirectoryError(errno.EISDIR, "no longer a regular file", path)
@@ -1938,7 +1938,7 @@ def _read_batch(
     for path, _st, _digest in batch:
         # os-level calls: a file object would cost more than these few small reads.
         try:
-            fd = os.open(prefix + path, _READ_FLAGS)
+            fd = os.open(prefix + path, READ_FLAGS)
         except OSError as exc:
             if not _vanished(exc):
                 failed.append((path, os_reason(exc)))
@@ -1946,7 +1946,7 @@ def _read_batch(
         try:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
-                continue  # no longer a file (see _READ_FLAGS)
+                continue  # no longer a file (see READ_FLAGS)
             # One byte more than the size: a file that grew shows as torn.
             data = os.read(fd, before.st_size + 1)
             while len(data) < before.st_size:  # a short read, rare: go on

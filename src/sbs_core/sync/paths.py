@@ -47,6 +47,8 @@ __all__ = (
     "UnsafePathError",
     "check_wire_name",
     "check_wire_path",
+    "component_problem",
+    "quoted",
     "resolve_inside",
 )
 
@@ -110,7 +112,7 @@ class UnsafePathError(RemoteProtocolError, ValueError):
     @classmethod
     def broken_rule(cls, path: str, reason: str) -> UnsafePathError:
         """The error for ``path`` breaking the rule described by ``reason``."""
-        return cls(f"unsafe path {_shown(path)}: {reason}", path=path, reason=reason)
+        return cls(f"unsafe path {quoted(path)}: {reason}", path=path, reason=reason)
 
 
 def check_wire_path(path: str, *, windows: bool = _ON_WINDOWS) -> PurePosixPath:
@@ -172,11 +174,11 @@ def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
         except NotADirectoryError:
             # Only reachable if a component vanished and came back as a file
             # since the previous step; same verdict as finding a file.
-            raise UnsafePathError.broken_rule(text, f"{_shown(part)} is not a folder") from None
+            raise UnsafePathError.broken_rule(text, f"{quoted(part)} is not a folder") from None
         if _is_link(info):
-            raise UnsafePathError.broken_rule(text, f"folder {_shown(part)} is a symbolic link")
+            raise UnsafePathError.broken_rule(text, f"folder {quoted(part)} is a symbolic link")
         if not stat.S_ISDIR(info.st_mode):
-            raise UnsafePathError.broken_rule(text, f"{_shown(part)} is not a folder")
+            raise UnsafePathError.broken_rule(text, f"{quoted(part)} is not a folder")
     real_parent = Path(os.path.realpath(real_root.joinpath(*parts[:-1])))
     if real_parent != real_root and real_root not in real_parent.parents:
         raise UnsafePathError.broken_rule(text, "leads outside its folder")
@@ -226,7 +228,7 @@ def _broken_path_rule(path: str, *, windows: bool) -> str | None:
     return None
 
 
-def _component_problem(name: str, *, windows: bool) -> str | None:
+def component_problem(name: str, *, windows: bool) -> str | None:
     """The rule a single name (a file or folder name found on disk) breaks, or None."""
     if _PLAIN_COMPONENT.fullmatch(name) is not None:
         return None
@@ -234,7 +236,7 @@ def _component_problem(name: str, *, windows: bool) -> str | None:
 
 
 def _broken_component_rule(name: str, *, windows: bool) -> str | None:
-    """:func:`_component_problem` rule by rule, without the plain-name shortcut."""
+    """:func:`component_problem` rule by rule, without the plain-name shortcut."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -254,10 +256,10 @@ def _name_problem(name: str) -> str | None:
     if len(name.encode("utf-8")) > MAX_COMPONENT_BYTES:
         return f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
     if name[-1] in ". ":
-        return f"component {_shown(name)} ends in a dot or a space (Windows drops them)"
+        return f"component {quoted(name)} ends in a dot or a space (Windows drops them)"
     # Windows ignores the extension and trailing spaces when it spots a device.
     if name.split(".", 1)[0].rstrip(" ").upper() in _DEVICE_NAMES:
-        return f"component {_shown(name)} is a Windows device name"
+        return f"component {quoted(name)} is a Windows device name"
     return None
 
 
@@ -289,7 +291,7 @@ else:
         return stat.S_ISLNK(info.st_mode)
 
 
-def _shown(text: str) -> str:
+def quoted(text: str) -> str:
     """``text`` quoted for a message: escaped, and cut if it is long."""
     if len(text) <= _SHOWN_CHARS:
         return repr(text)

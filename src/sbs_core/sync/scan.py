@@ -27,7 +27,7 @@ import xxhash
 
 from sbs_core.errors import os_reason
 
-from .paths import MAX_PATH_BYTES, STAGING_PREFIX, TEMP_PREFIX, _component_problem, _shown
+from .paths import MAX_PATH_BYTES, STAGING_PREFIX, TEMP_PREFIX, component_problem, quoted
 
 __all__ = (
     "HASH_NAME",
@@ -173,16 +173,16 @@ def unsendable_line(rel: str, *, windows: bool = True) -> str | None:
     """
     *folders, name = rel.split("/")
     for depth, part in enumerate(folders):
-        reason = _component_problem(part, windows=windows)
+        reason = component_problem(part, windows=windows)
         if reason is not None:
             folder = "/".join(folders[: depth + 1])
-            return f"folder {_shown(folder)} is not replicated: its name {reason}"
+            return f"folder {quoted(folder)} is not replicated: its name {reason}"
     reason = _file_name_problem(name, rel, windows=windows)
-    return None if reason is None else f"{_shown(rel)} is not replicated: its name {reason}"
+    return None if reason is None else f"{quoted(rel)} is not replicated: its name {reason}"
 
 
 def _file_name_problem(name: str, rel: str, *, windows: bool) -> str | None:
-    reason = _component_problem(name, windows=windows)
+    reason = component_problem(name, windows=windows)
     if reason is None and len(rel.encode("utf-8")) > MAX_PATH_BYTES:
         reason = f"is longer than {MAX_PATH_BYTES} bytes"
     return reason
@@ -230,10 +230,10 @@ class _Walk:
             if entry.is_dir(follow_symlinks=False):
                 if name.startswith(STAGING_PREFIX):
                     return None  # a new folder still being received (sync.apply)
-                reason = _component_problem(name, windows=self.windows)
+                reason = component_problem(name, windows=self.windows)
                 if reason is not None:
                     result.unsendable.append(
-                        f"folder {_shown(prefix + name)} is not replicated: its name {reason}"
+                        f"folder {quoted(prefix + name)} is not replicated: its name {reason}"
                     )
                 else:
                     self.pending.append((entry.path, f"{prefix}{name}/"))
@@ -242,11 +242,11 @@ class _Walk:
                 return None
             rel = prefix + name
             if not entry.is_file(follow_symlinks=False):
-                result.unsendable.append(f"{_shown(rel)} is not replicated: not a regular file")
+                result.unsendable.append(f"{quoted(rel)} is not replicated: not a regular file")
                 return None
             reason = _file_name_problem(name, rel, windows=self.windows)
             if reason is not None:
-                result.unsendable.append(f"{_shown(rel)} is not replicated: its name {reason}")
+                result.unsendable.append(f"{quoted(rel)} is not replicated: its name {reason}")
                 return None
             info = entry.stat(follow_symlinks=False)
             # Windows leaves st_ino at 0 in a directory listing; inode() asks for it.
