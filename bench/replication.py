@@ -416,6 +416,8 @@ class SyncRun:
     cpu_a_sys: float
     cpu_b_user: float
     cpu_b_sys: float
+    # The longest pause a process that only sleeps saw meanwhile (PauseProbe)
+    pause: float | None = None
 
     @property
     def cpu(self) -> float:
@@ -765,6 +767,45 @@ def sync_timeout(ds: DataSet) -> float:
     return max(120.0, ds.total / (2 * MB))
 
 
+# A process that does nothing but sleep 10 ms at a time and notes its longest
+# pause: when both nodes' event loops stall at once, it tells whether the whole
+# machine did (seen here during durable "large": both loops held up 1.5-1.7 s
+# at the same moments, each in a trivial line of code, and a takeover).
+_PAUSE_PROBE = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+longest, last = 0.0, time.monotonic()
+try:
+    while True:
+        time.sleep(0.01)
+        now = time.monotonic()
+        longest, last = max(longest, now - last - 0.01), now
+finally:
+    print(f"{longest:.6f}", flush=True)
+"""
+
+
+class PauseProbe:
+    """:data:`_PAUSE_PROBE` for the time of a ``with``; ``longest`` once it is over."""
+
+    def __init__(self) -> None:
+        self.longest: float | None = None
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> PauseProbe:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PAUSE_PROBE], stdout=subprocess.PIPE, text=True
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process is not None
+        self._process.terminate()
+        out, _ = self._process.communicate(timeout=STOP_TIMEOUT)
+        with contextlib.suppress(ValueError):
+            self.longest = float(out.strip())
+
+
 def run_sbs(
     ctx: Context, ds: DataSet, data: Path, tag: str, *, durable: bool, verify: bool
 ) -> SyncRun:
@@ -773,7 +814,9 @@ def run_sbs(
         with PairRun(root, data, durable=durable) as run:
             try:
                 run.start_primary()
-                result = run.join_and_sync(ds, sync_timeout(ds))
+                with PauseProbe() as probe:
+                    result = run.join_and_sync(ds, sync_timeout(ds))
+                result.pause = probe.longest
                 if verify:
                     verify_equal(run.src, run.dst)
             finally:
@@ -918,7 +961,8 @@ def one_pair_of_runs(
             f"{sbs.from_start:7.3f} s from b's start, CPU {sbs.cpu:.2f} s; a's cycle {cycle} s;"
             f" peak a {sbs.hwm_a / MB:.0f} MB, b {sbs.hwm_b / MB:.0f} MB; longest silence "
             f"a {sbs.silence_a:.3f} s, b {sbs.silence_b:.3f} s; longest loop stall "
-            f"a {sbs.stall_a:.3f} s, b {sbs.stall_b:.3f} s; {load_line()}"
+            f"a {sbs.stall_a:.3f} s, b {sbs.stall_b:.3f} s; longest pause of a process "
+            f"that only sleeps {_shown(sbs.pause)}; {load_line()}"
             + (f"; TAKEOVER: {sbs.takeover}" if sbs.takeover else "")
         )
     ctx.settle()
@@ -1325,7 +1369,24 @@ def silence_rows(results: dict[str, SetResult]) -> list[Row]:
                 (worst < TARGET_SILENCE and takeovers == 0) if name == "large" else None,
             )
         )
+        pauses = Series([r.pause for r in runs if r.pause is not None])
+        if pauses.values:
+            during = [_shown(r.pause) for r in runs if r.takeover]
+            rows.append(
+                Row(
+                    "↳ the longest pause of a process that only sleeps 10 ms at a time, "
+                    f"same runs{', those with a takeover' if during else ''}",
+                    f"{pauses.text()}" + (f"; {', '.join(during)}" if during else ""),
+                    "—",
+                    "—",
+                    None,
+                )
+            )
     return rows
+
+
+def _shown(pause: float | None) -> str:
+    return "unknown" if pause is None else f"{pause:.3f} s"
 
 
 def steady_rows(steady: Steady | None) -> list[Row]:
