@@ -1375,7 +1375,7 @@ def silence_rows(results: dict[str, SetResult]) -> list[Row]:
             rows.append(
                 Row(
                     "↳ the longest pause of a process that only sleeps 10 ms at a time, "
-                    f"same runs{', those with a takeover' if during else ''}",
+                    f"{name} runs{', those with a takeover' if during else ''}",
                     f"{pauses.text()}" + (f"; {', '.join(during)}" if during else ""),
                     "—",
                     "—",
