@@ -337,11 +337,12 @@ async def test_a_planned_stop_that_hangs_ends_after_its_bound(
         dead_time=DEAD,
         node_extra={"final_cycle_timeout": 0.2},
     )
-    node._controller_override = _StuckController(SENTINELS)
+    controller = node._controller_override = _StuckController(SENTINELS)
     bound = 0.2 + 2.0 + 0.3  # final cycle, the controller's stop_timeout, the grace
     async with anyio.create_task_group() as tg:
         tg.start_soon(node.run)
-        await until(lambda: node.status().get("sentinels") == list(SENTINELS))
+        # Primary, its sentinels running: a stop now has them to stop.
+        await until(lambda: controller.running_sentinels() == frozenset(SENTINELS))
         began = anyio.current_time()
         node.request_stop()
         await until(lambda: node._tg is None, timeout=bound + 3)
