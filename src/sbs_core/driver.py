@@ -602,7 +602,8 @@ class Node:
 
     async def _stop_watchdog(self, asked: anyio.Event) -> None:
         # Sleeps until a stop is asked for: an idle node pays no wake-up for it
-        # (it looked twice a second, a fifth of an idle secondary's wake-ups).
+        # (it looked twice a second: about a third of an idle secondary's
+        # wake-ups at the default settings, with the heartbeats and the loop watch).
         bound = self.config.node.final_cycle_timeout + self.config.controller.stop_timeout
         bound += _STOP_GRACE
         if self._stop_requested_at is None:
