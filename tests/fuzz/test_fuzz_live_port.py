@@ -41,7 +41,7 @@ from fuzz_support import (
     status_of,
     wrong_secret_client,
 )
-from replication_support import RawPeer
+from replication_support import RawPeer, wait_until
 
 from sbs_core.lab import HOSTS, NodeProcess, Pair
 from sbs_core.messages import (
@@ -343,6 +343,12 @@ def test_hostile_sessions_from_a_peer_with_the_secret_never_write_outside(tmp_pa
         rnd = random.Random(next(seeds(1)))
         sessions = [1]
         sent = 0
+
+        def refused() -> list[str]:
+            logged = log_bytes(node)[log_before:].decode(errors="replace")
+            lines = logged.splitlines()
+            return [line for line in lines if "refused the peer's sync session" in line]
+
         with RawPeer(pair, node) as peer:
             peer.hello()
             node.wait_for("following the crafted peer", lambda st: st["peer_connected"], timeout=5)
@@ -364,17 +370,17 @@ def test_hostile_sessions_from_a_peer_with_the_secret_never_write_outside(tmp_pa
                 peer.send(
                     SyncStart(session=session, roots=(evil,), preserve_timestamps=False, window=0)
                 )
+            # Each SyncStart ends the session before it, refused or not yet looked at:
+            # the last one is refused once nothing follows it (logged by the node's
+            # logging thread, a moment later).
+            wait_until("the refusal logged", lambda: bool(refused()), timeout=10.0)
             honest_session(peer, folder, dst)
             assert node.alive, node.log_tail()
         status_of(node)
         assert outside_node(tmp_path, node) == before
         assert planted_anywhere() == []
-        logged = log_bytes(node)[log_before:].decode(errors="replace")
         assert secret_of(pair) not in log_bytes(node)
-        refused = [
-            line for line in logged.splitlines() if "refused the peer's sync session" in line
-        ]
-        assert 1 <= len(refused) <= MAX_REFUSAL_LINES, refused
+        assert 1 <= len(refused()) <= MAX_REFUSAL_LINES, refused()
 
 
 def honest_session(peer: RawPeer, folder: RootSpec, dst: Path) -> None:
