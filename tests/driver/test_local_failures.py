@@ -39,11 +39,11 @@ async def test_an_index_that_cannot_be_written_pauses_the_replication_without_en
     failed: list[str] = []
     real_put_many = index_module.HashIndex.put_many
 
-    def put_many(self: index_module.HashIndex, rows: Any) -> None:
+    def put_many(self: index_module.HashIndex, rows: Any, *, agreed: bool = False) -> None:
         if full["disk"]:
             failed.append("put_many")
             raise sqlite3.OperationalError("database or disk is full")
-        real_put_many(self, rows)
+        real_put_many(self, rows, agreed=agreed)
 
     monkeypatch.setattr(index_module.HashIndex, "put_many", put_many)
     monkeypatch.setattr(engine, "SESSION_RESTART_DELAY", 0.3)

@@ -259,3 +259,74 @@ def test_unopenable_path_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
         HashIndex(folder)
     assert folder.is_dir()
     assert _aside_files(tmp_path) == []
+
+
+def test_a_base_lives_beside_the_digest_and_outlives_it(index: HashIndex) -> None:
+    index.put("r", "f", size=1, mtime_ns=2, ino=3, digest=DIGEST)
+    assert index.base("r", "f") is None
+    index.set_bases([("r", "f", OTHER_DIGEST), ("r", "only-agreed", DIGEST)])
+    assert index.base("r", "f") == OTHER_DIGEST
+    # A new digest of the file (a scan) keeps its base.
+    index.put("r", "f", size=5, mtime_ns=6, ino=7, digest=DIGEST)
+    assert index.base("r", "f") == OTHER_DIGEST
+    assert index.get("r", "f", size=5, mtime_ns=6, ino=7) == DIGEST
+    # A base alone is no file: nothing to look up, list or match.
+    assert index.paths("r") == {"f"}
+    assert set(index.digests("r")) == {"f"}
+    assert index.get("r", "only-agreed", size=0, mtime_ns=0, ino=0) is None
+    # Forgetting the digest keeps the base, and the other way round.
+    index.delete_many([("r", "f")])
+    assert index.get("r", "f", size=5, mtime_ns=6, ino=7) is None
+    assert index.paths("r") == set()
+    assert index.base("r", "f") == OTHER_DIGEST
+    index.put("r", "f", size=5, mtime_ns=6, ino=7, digest=DIGEST)
+    index.forget_bases([("r", "f"), ("r", "only-agreed")])
+    assert index.base("r", "f") is None
+    assert index.base("r", "only-agreed") is None
+    assert index.get("r", "f", size=5, mtime_ns=6, ino=7) == DIGEST
+
+
+def test_an_agreed_row_sets_the_base_and_forget_drops_both(index: HashIndex) -> None:
+    index.set_bases([("r", "f", OTHER_DIGEST)])
+    index.put_many([("r", "f", 1, 2, 3, DIGEST), ("r", "g", 1, 2, 4, DIGEST)], agreed=True)
+    assert index.base("r", "f") == DIGEST
+    assert index.base("r", "g") == DIGEST
+    assert index.get("r", "f", size=1, mtime_ns=2, ino=3) == DIGEST
+    index.forget([("r", "f")])
+    assert index.base("r", "f") is None
+    assert index.get("r", "f", size=1, mtime_ns=2, ino=3) is None
+    assert index.paths("r") == {"g"}
+
+
+def test_the_first_layout_is_converted_with_its_bases(tmp_path: Path) -> None:
+    # Layout 1 kept each base as a row of its own, under the root id "base:" + root.
+    path = tmp_path / "hashes.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE hashes (root_id TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, digest TEXT NOT NULL,"
+        " PRIMARY KEY (root_id, path)) WITHOUT ROWID"
+    )
+    conn.executemany(
+        "INSERT INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            ("folder:data", "both", 1, 2, 3, DIGEST),
+            ("base:folder:data", "both", 0, 0, 0, OTHER_DIGEST),
+            ("base:folder:data", "deleted here", 0, 0, 0, DIGEST),
+            ("settings", "no base", 4, 5, 6, OTHER_DIGEST),
+        ],
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with HashIndex(path) as index:
+        assert index.get("folder:data", "both", size=1, mtime_ns=2, ino=3) == DIGEST
+        assert index.base("folder:data", "both") == OTHER_DIGEST
+        assert index.base("folder:data", "deleted here") == DIGEST
+        assert index.paths("folder:data") == {"both"}
+        assert index.get("settings", "no base", size=4, mtime_ns=5, ino=6) == OTHER_DIGEST
+        assert index.base("settings", "no base") is None
+        assert index.paths("base:folder:data") == set()
+    with HashIndex(path) as index:  # converted once: opened again, the same
+        assert index.base("folder:data", "both") == OTHER_DIGEST
+    assert _aside_files(tmp_path) == []

@@ -86,7 +86,6 @@ from sbs_core.wire import DataPayload, SealedFrame
 
 __all__ = ("Link", "LinkClosed", "SyncEngine", "SyncStatus")
 
-_BASE = "base:"  # index namespace of the bases (see SyncEngine.base_of)
 
 logger = logging.getLogger("sbs.sync")
 
@@ -1120,7 +1119,7 @@ class SyncEngine:
     # base was changed on this node since: it is never overwritten silently.
 
     def base_of(self, root_id: str, path: str) -> str | None:
-        return self.index.get(_BASE + root_id, path, size=0, mtime_ns=0, ino=0)
+        return self.index.base(root_id, path)
 
     def _set_bases(
         self, agreed: Sequence[tuple[str, str, str]], forgotten: Sequence[tuple[str, str]]
@@ -1129,10 +1128,10 @@ class SyncEngine:
         # or an idle pair would rewrite its whole index every period.
         new = [(r, p, d) for r, p, d in agreed if self._bases.get((r, p)) != d]
         if new:
-            self.index.put_many((_BASE + r, p, 0, 0, 0, d) for r, p, d in new)
+            self.index.set_bases(new)
             self._bases.update(((r, p), d) for r, p, d in new)
         if forgotten:
-            self.index.delete_many((_BASE + r, p) for r, p in forgotten)
+            self.index.forget_bases(forgotten)
             for key in forgotten:
                 self._bases.pop(key, None)
 
@@ -2400,8 +2399,8 @@ class _Receiving:
                     (f.root, f.path, info.st_size, info.st_mtime_ns, info.st_ino, incoming.digest)
                 )
         if rows:
-            index.put_many(rows)
-            self.engine._set_bases([(r[0], r[1], r[5]) for r in rows], [])
+            index.put_many(rows, agreed=True)  # what was received is agreed on: its base
+            self.engine._bases.update(((r[0], r[1]), r[5]) for r in rows)
         self.engine.status.files_received += len(rows)
         self._count(outcomes)
 
@@ -2445,8 +2444,10 @@ class _Receiving:
     def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
         looked_at = {path: self._keep_if_changed_here(root, path, None) for path in paths}
         outcomes = self.applier.delete_many(root, paths, replaces=looked_at)
-        self.engine.index.delete_many([(root, p) for p in paths])
-        self.engine._set_bases([], [(root, p) for p in paths])
+        keys = [(root, p) for p in paths]
+        self.engine.index.forget(keys)  # deleted by both: neither digest nor base
+        for key in keys:
+            self.engine._bases.pop(key, None)
         return outcomes
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:

@@ -16,6 +16,12 @@ should not store digests of files modified in the last couple of seconds.
 
 Paths are stored as given; they must be valid Unicode (as every path accepted
 by :func:`~sbs_core.sync.paths.check_wire_path` is).
+
+Beside each file's digest the index keeps its *base*: the content both nodes
+last agreed on (:meth:`HashIndex.base`), which tells a file changed on this
+node from one that is merely older. Bases are state, not cache: a database of
+an older layout is converted, not dropped, and a file's base may outlive its
+digest (a file deleted here, whose deletion is not yet agreed on).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ __all__ = ("HashIndex", "IndexRow")
 
 _log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# digest is "" in a row that holds only a base (with size, mtime_ns and ino 0);
+# base is NULL in a row that holds only a digest.
 _SCHEMA = """
 CREATE TABLE hashes (
     root_id TEXT NOT NULL,
@@ -43,12 +51,34 @@ CREATE TABLE hashes (
     mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL,
     digest TEXT NOT NULL,
+    base TEXT,
     PRIMARY KEY (root_id, path)
 ) WITHOUT ROWID
 """
+_FILE_COLUMNS = "size = excluded.size, mtime_ns = excluded.mtime_ns, ino = excluded.ino"
 _UPSERT = (
-    "INSERT OR REPLACE INTO hashes (root_id, path, size, mtime_ns, ino, digest)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest) VALUES (?, ?, ?, ?, ?, ?)"
+    f" ON CONFLICT (root_id, path) DO UPDATE SET {_FILE_COLUMNS}, digest = excluded.digest"
+)
+# The file's digest is its base as well: one row, one write (a received file).
+_UPSERT_AGREED = (
+    "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest, base)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT (root_id, path) DO UPDATE SET"
+    f" {_FILE_COLUMNS}, digest = excluded.digest, base = excluded.base"
+)
+_SET_BASE = (
+    "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest, base)"
+    " VALUES (?, ?, 0, 0, 0, '', ?) ON CONFLICT (root_id, path) DO UPDATE SET base = excluded.base"
+)
+_KEY = "root_id = ? AND path = ?"
+# Layout 1 kept bases as rows of their own, under the root id "base:" + root.
+_V1_BASES = "root_id >= 'base:' AND root_id < 'base;'"
+_FROM_V1 = (
+    "ALTER TABLE hashes ADD COLUMN base TEXT",
+    "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest, base)"
+    f" SELECT substr(root_id, 6), path, 0, 0, 0, '', digest FROM hashes WHERE {_V1_BASES}"
+    " ON CONFLICT (root_id, path) DO UPDATE SET base = excluded.base",
+    f"DELETE FROM hashes WHERE {_V1_BASES}",
 )
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -80,8 +110,8 @@ class HashIndex:
         """The stored digest if ``size``, ``mtime_ns`` and ``ino`` all match, else None."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT digest FROM hashes"
-                " WHERE root_id = ? AND path = ? AND size = ? AND mtime_ns = ? AND ino = ?",
+                "SELECT digest FROM hashes WHERE root_id = ? AND path = ?"
+                " AND size = ? AND mtime_ns = ? AND ino = ? AND digest != ''",
                 (root_id, path, size, _int64(mtime_ns), _int64(ino)),
             ).fetchone()
         if row is None:
@@ -89,20 +119,51 @@ class HashIndex:
         digest: str = row[0]
         return digest
 
+    def base(self, root_id: str, path: str) -> str | None:
+        """The file's base: the digest both nodes last agreed on; None if there is none."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT base FROM hashes WHERE {_KEY}", (root_id, path))
+            found = row.fetchone()
+        if found is None:
+            return None
+        base: str | None = found[0]
+        return base
+
+    def set_bases(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Store each ``(root_id, path, digest)`` as the file's base, in one transaction."""
+        with self._transaction() as conn:
+            conn.executemany(_SET_BASE, rows)
+
+    def forget_bases(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Forget the bases of ``(root_id, path)`` files; their digests stay."""
+        keys = list(keys)
+        with self._transaction() as conn:
+            conn.executemany(f"UPDATE hashes SET base = NULL WHERE {_KEY}", keys)
+            conn.executemany(f"DELETE FROM hashes WHERE {_KEY} AND digest = ''", keys)
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Forget ``(root_id, path)`` files whole: digest and base (a file deleted by both)."""
+        with self._transaction() as conn:
+            conn.executemany(f"DELETE FROM hashes WHERE {_KEY}", keys)
+
     def put(
         self, root_id: str, path: str, *, size: int, mtime_ns: int, ino: int, digest: str
     ) -> None:
         """Store ``digest`` for the file, replacing what was stored for it."""
         self.put_many([(root_id, path, size, mtime_ns, ino, digest)])
 
-    def put_many(self, rows: Iterable[tuple[str, str, int, int, int, str]]) -> None:
+    def put_many(
+        self, rows: Iterable[tuple[str, str, int, int, int, str]], *, agreed: bool = False
+    ) -> None:
         """Store many rows (:class:`IndexRow` or plain tuples) in one transaction.
 
-        If ``rows`` raises part way, nothing of it is stored.
+        A file's base is kept, unless ``agreed``: then each digest is its
+        file's base too (a file received and applied). If ``rows`` raises part
+        way, nothing of it is stored.
         """
         with self._transaction() as conn:
             conn.executemany(
-                _UPSERT,
+                _UPSERT_AGREED if agreed else _UPSERT,
                 (
                     (
                         root_id,
@@ -121,12 +182,19 @@ class HashIndex:
         self.delete_many([(root_id, path)])
 
     def delete_many(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Forget many ``(root_id, path)`` files in one transaction; unknown ones are ignored."""
+        """Forget the digests of many ``(root_id, path)`` files in one transaction.
+
+        Unknown ones are ignored; their bases stay (:meth:`forget` drops both).
+        """
+        keys = list(keys)
         with self._transaction() as conn:
-            conn.executemany("DELETE FROM hashes WHERE root_id = ? AND path = ?", keys)
+            conn.executemany(f"DELETE FROM hashes WHERE {_KEY} AND base IS NULL", keys)
+            conn.executemany(
+                f"UPDATE hashes SET size = 0, mtime_ns = 0, ino = 0, digest = '' WHERE {_KEY}", keys
+            )
 
     def forget_root(self, root_id: str) -> None:
-        """Forget every file of a root (a folder removed from the configuration)."""
+        """Forget every file of a root and its bases (a folder removed from the configuration)."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM hashes WHERE root_id = ?", (root_id,))
 
@@ -138,7 +206,8 @@ class HashIndex:
         """
         with self._lock:
             rows = self._conn.execute(
-                "SELECT path, size, mtime_ns, ino, digest FROM hashes WHERE root_id = ?",
+                "SELECT path, size, mtime_ns, ino, digest FROM hashes"
+                " WHERE root_id = ? AND digest != ''",
                 (root_id,),
             )
             return {row[0]: row[1:] for row in rows}
@@ -159,9 +228,11 @@ class HashIndex:
         return row[3]
 
     def paths(self, root_id: str) -> set[str]:
-        """Every path stored for ``root_id``."""
+        """Every path whose digest is stored for ``root_id``."""
         with self._lock:
-            rows = self._conn.execute("SELECT path FROM hashes WHERE root_id = ?", (root_id,))
+            rows = self._conn.execute(
+                "SELECT path FROM hashes WHERE root_id = ? AND digest != ''", (root_id,)
+            )
             return {path for (path,) in rows}
 
     def close(self) -> None:
@@ -228,11 +299,19 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise _CorruptDatabaseError(f"integrity check failed: {check}")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version != _SCHEMA_VERSION:
-            # Another layout (or a new file): a cache is rebuilt, not migrated.
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("DROP TABLE IF EXISTS hashes")
-            conn.execute(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            try:
+                if version == 1:
+                    for statement in _FROM_V1:  # the bases are kept
+                        conn.execute(statement)
+                else:
+                    # A new file, or a layout of another version: rebuilt, not migrated.
+                    conn.execute("DROP TABLE IF EXISTS hashes")
+                    conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
     except BaseException:
         conn.close()
