@@ -129,6 +129,20 @@ def wait_until(what: str, test: Callable[[], bool], *, timeout: float, poll: flo
         time.sleep(poll)
 
 
+def settled(read: Callable[[], Any], *, quiet: float, timeout: float) -> Any:
+    """What ``read`` gives once unchanged for ``quiet`` s; AssertionError after ``timeout``."""
+    began = time.monotonic()
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() - began > timeout:
+            raise AssertionError(f"still changing after {timeout} s: {last!r}")
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def holds_for(what: str, test: Callable[[], bool], seconds: float, poll: float = 0.05) -> None:
     """``test`` stays true for a whole observation window (a change that must never come)."""
     end = time.monotonic() + seconds

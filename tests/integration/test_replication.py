@@ -37,6 +37,7 @@ from replication_support import (
     note,
     replica_pair,
     report,
+    settled,
     start_pair,
     status_of,
     temp_files,
@@ -915,8 +916,11 @@ def test_a_name_that_cannot_be_replicated_seen_by_a_file_event_is_named_not_sent
         write(src / "fine.lab", b"replicated\n")
         start_pair(pair)
         wait_until("fine.lab on b", (dst / "fine.lab").exists, timeout=15)
-        wait_until("the first full scan", lambda: status_of(pair.a)["last_scan_at"], timeout=5)
-        scanned = status_of(pair.a)["last_scan_at"]
+        # The watcher starts after the session's first cycle, and asks for a full
+        # scan as it starts: the next one is rescan_interval away.
+        wait_until("the watcher", lambda: status_of(pair.a)["watch_state"] == "watching", timeout=5)
+        scanned = settled(lambda: status_of(pair.a)["last_scan_at"], quiet=0.5, timeout=5)
+        assert scanned is not None
 
         write(src / "x:y.lab", b"a name Windows cannot store\n")
         write(src / "new" / "p?q.lab", b"in a folder that came later\n")

@@ -145,9 +145,6 @@ WATCH_PAUSE_FILES = 1000
 # The watcher's thread returns this often even when nothing changes (each return
 # is a trip through the event loop); a stop is seen within WATCH_STEP_MS anyway.
 WATCH_RETURN_MS = 10_000
-# The longest a session's first scan waits for the watcher to start (it takes
-# 0.02-0.1 s for 20,000 files, 0.5 s for 200,000; listing the folders is most of it).
-WATCH_SETTLE_WAIT = 2.0
 NOT_REPLICATED_SHOWN = 20  # in the status; the log names each once
 
 
@@ -341,11 +338,11 @@ class SyncEngine:
         self._watch_run = anyio.Event()
         self._watch_ended = False
         self._watch_paused = False  # stopped while a full cycle reads (see _pause_watching)
+        # Not started before a session's first cycle ends (see _run_sender).
+        self._watch_deferred = False
         self._folder_watch: FolderWatch | None = None  # the last one started
         # Set once the watcher's start is over (it watches, or it failed), so that
         # a session's first full scan comes after it and no second one is needed.
-        self._watch_settled = anyio.Event()
-        self._watch_settled.set()
         self._watch_error: str | None = None  # why the last start failed, until one works
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
@@ -541,10 +538,11 @@ class SyncEngine:
             run = self._watch_run = anyio.Event()
             # Only a node sending to its peer needs events: a session starts with
             # a full scan, so nothing is missed while nobody watches.
-            watched = self._sender is not None and not self._watch_paused
+            watched = (
+                self._sender is not None and not self._watch_paused and not self._watch_deferred
+            )
             roots = [r for r in self.roots() if r.path.is_dir()] if watched else []
             if not roots:
-                self._watch_settled.set()  # nothing to start
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
                 continue
@@ -575,7 +573,6 @@ class SyncEngine:
                         "warning",
                     )
                 self._watch_error = why
-                self._watch_settled.set()
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
             finally:
@@ -583,7 +580,6 @@ class SyncEngine:
 
     def _watch_started(self) -> None:
         self._watching = True
-        self._watch_settled.set()
         if self._watch_error is not None:
             logger.info("file watching works again")
         self._watch_error = None
@@ -606,7 +602,11 @@ class SyncEngine:
             logger.info("file watching paused while this cycle reads most files")
 
     def _resume_watching(self) -> None:
-        if self._watch_paused:
+        """After a cycle: start the watcher if a pause or the session's first cycle held it."""
+        deferred, self._watch_deferred = self._watch_deferred, False
+        if deferred and not self._watch_paused:
+            self._watch_run.set()  # its start asks for a full scan (see _watch_started)
+        elif self._watch_paused:
             self._watch_paused = False
             self._watch_run.set()
             logger.info("file watching resumed; a full scan looks for changes made meanwhile")
@@ -647,8 +647,14 @@ class SyncEngine:
     # ------------------------------------------------------------------ sender
 
     async def _run_sender(self, session: _SenderSession) -> None:
-        self._watch_settled = anyio.Event()
-        self._watch_run.set()  # the watcher starts (see _watch_roots)
+        # The watcher starts once the session's first cycle is over, and its
+        # start asks for a full scan, which finds what changed before it
+        # watched. Started before that cycle, it held the first scan back
+        # 0.06 s on 20,000 files (listing the folders and adding their
+        # watches), and a first sync then stopped it again (_pause_watching).
+        # A session for one final cycle has no use for it at all.
+        self._watch_deferred = not session.final_only
+        self._watch_run.set()  # the watcher loop looks again (see _watch_roots)
         again = False
         try:
             with session.scope:
@@ -698,12 +704,6 @@ class SyncEngine:
                 known[path] = (size, digest)
             if inventory.last:
                 break
-        if not session.final_only:
-            # The first scan starts once the watcher runs: what changes after it
-            # listed a folder then raises an event, and no second scan is needed.
-            # (A session for one final cycle has no use for the watcher: no wait.)
-            with anyio.move_on_after(WATCH_SETTLE_WAIT):
-                await self._watch_settled.wait()
         self._trigger.full = self._trigger.periodic = True
         cycle = 0
         node = self.config.node
