@@ -341,8 +341,6 @@ class SyncEngine:
         # Not started before a session's first cycle ends (see _run_sender).
         self._watch_deferred = False
         self._folder_watch: FolderWatch | None = None  # the last one started
-        # Set once the watcher's start is over (it watches, or it failed), so that
-        # a session's first full scan comes after it and no second one is needed.
         self._watch_error: str | None = None  # why the last start failed, until one works
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
