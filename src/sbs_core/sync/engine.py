@@ -1133,6 +1133,17 @@ class SyncEngine:
             for key in forgotten:
                 self._bases.pop(key, None)
 
+    def _note_received(self, rows: Sequence[tuple[str, str, int, int, int, str]]) -> None:
+        """Files received and applied: each digest is stored as its file's base too."""
+        self.index.put_many(rows, agreed=True)
+        self._bases.update(((r[0], r[1]), r[5]) for r in rows)
+
+    def _forget_files(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Files deleted by both nodes: neither a digest nor a base is left of them."""
+        self.index.forget(keys)
+        for key in keys:
+            self._bases.pop(key, None)
+
     def local_digest(self, root_id: str, path: str, full: Path) -> str | None:
         """The digest of this node's file now (cached by stat), or None when there is none."""
         try:
@@ -2375,7 +2386,6 @@ class _Receiving:
                 incoming.abort()
                 self.retry.append((f.root, f.path, self.broken))
             return
-        index = self.engine.index
         for f, incoming in batch:
             # What begin() found will do: a change made here since is caught by the guard.
             if incoming.found is None:  # nothing there: nothing to keep (most of a first sync)
@@ -2397,8 +2407,7 @@ class _Receiving:
                     (f.root, f.path, info.st_size, info.st_mtime_ns, info.st_ino, incoming.digest)
                 )
         if rows:
-            index.put_many(rows, agreed=True)  # what was received is agreed on: its base
-            self.engine._bases.update(((r[0], r[1]), r[5]) for r in rows)
+            self.engine._note_received(rows)
         self.engine.status.files_received += len(rows)
         self._count(outcomes)
 
@@ -2442,10 +2451,7 @@ class _Receiving:
     def _delete(self, root: str, paths: tuple[str, ...]) -> list[Outcome]:
         looked_at = {path: self._keep_if_changed_here(root, path, None) for path in paths}
         outcomes = self.applier.delete_many(root, paths, replaces=looked_at)
-        keys = [(root, p) for p in paths]
-        self.engine.index.forget(keys)  # deleted by both: neither digest nor base
-        for key in keys:
-            self.engine._bases.pop(key, None)
+        self.engine._forget_files([(root, p) for p in paths])
         return outcomes
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
