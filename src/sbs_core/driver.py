@@ -138,6 +138,14 @@ class FileSync(Protocol):
 
     def detach(self) -> None: ...
 
+    def set_primary(self, primary: bool) -> None:
+        """This node became primary, or is no longer (told before :meth:`attach`).
+
+        A primary may prepare for the secondary to come (the real engine keeps
+        its folders' listing current).
+        """
+        ...
+
     async def final_cycle(self, conn: ConnId, *, yielding: bool = False) -> None:
         """Push every local change to the peer on ``conn`` before a handover.
 
@@ -255,6 +263,7 @@ class Node:
         self._conns: dict[ConnId, PeerConnection] = {}
         self._closing: list[PeerConnection] = []
         self._replicating_to: ConnId | None = None
+        self._told_primary = False  # what the replication was last told of the role
         self._next_conn = 1
         self._handshakes = anyio.Semaphore(_MAX_HANDSHAKES)
         self._peer_handshakes = anyio.Semaphore(_MAX_PEER_HANDSHAKES)
@@ -465,6 +474,10 @@ class Node:
             self._follow_replication_target()
 
     def _follow_replication_target(self) -> None:
+        primary = self.machine.role == "primary"
+        if primary != self._told_primary:
+            self._told_primary = primary
+            self._sync.set_primary(primary)
         target = self.machine.replication_target()
         if target != self._replicating_to:
             self._replicating_to = target

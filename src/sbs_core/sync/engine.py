@@ -64,7 +64,8 @@ from sbs_core.sync.apply import (
     identity_of,
 )
 from sbs_core.sync.index import HashIndex, IndexRow
-from sbs_core.sync.paths import STAGING_PREFIX, TEMP_PREFIX, UnsafePathError, quoted
+from sbs_core.sync.listing import FolderListing, look, still_absent
+from sbs_core.sync.paths import UnsafePathError, quoted
 from sbs_core.sync.roots import (
     LocalRoot,
     load_peer_roots,
@@ -79,7 +80,6 @@ from sbs_core.sync.scan import (
     hash_file,
     new_hasher,
     scan_root,
-    unsendable_line,
 )
 from sbs_core.sync.watch import FolderWatch
 from sbs_core.wire import DataPayload, SealedFrame
@@ -135,6 +135,7 @@ SCAN_AHEAD = 2
 # A full scan with more files than this missing from memory reads the folder's
 # stored digests in one query instead of one query per file.
 BULK_LOOKUP = 100
+LISTING_STEP = 256  # files of a kept listing looked at together, as a scan gives a folder's
 # A receiver commits (flushes, then renames into place) what it has applied
 # once it holds this many files or bytes, and at the end of each cycle. A flush
 # ends with a flush of the disk's own cache, and on the virtual disk measured
@@ -262,6 +263,9 @@ class _SenderSession:
         self.scope = anyio.CancelScope()
         self.finished = anyio.Event()
         self.final_only = False  # opened for one final cycle, and ends with it
+        # The listing kept while this node waited for a secondary is still being
+        # kept (and watched) until this session's first cycle takes it.
+        self.listing_pending = False
 
     def deliver(self, message: SyncMessage) -> None:
         if isinstance(message, Credit):
@@ -347,6 +351,12 @@ class SyncEngine:
         self._watch_deferred = False
         self._folder_watch: FolderWatch | None = None  # the last one started
         self._watch_error: str | None = None  # why the last start failed, until one works
+        # A primary waiting for a secondary watches its roots and keeps their
+        # listing current, by root id, for the next session's first cycle
+        # (see sync.listing). None while nothing is kept.
+        self._primary = False
+        self._listing: dict[str, FolderListing] | None = None
+        self._listing_refresh = False  # a worker thread applies changes to it
         self.status = SyncStatus()
         self._peer_roots = load_peer_roots(self._state_dir)
         self._held: dict[str, int] = {}  # root id -> deletions held back by the cap
@@ -408,6 +418,17 @@ class SyncEngine:
         session, self._sender = self._sender, None
         if session is not None:
             session.scope.cancel()
+
+    def set_primary(self, primary: bool) -> None:
+        """This node became primary, or is no longer: a primary watches even with no secondary.
+
+        Waiting for a secondary, it keeps its folders' listing current, so that
+        the first cycle of a secondary that connects sends at once (see
+        :mod:`sbs_core.sync.listing`).
+        """
+        if primary != self._primary:
+            self._primary = primary
+            self._watch_run.set()  # the watcher loop looks again (see _watch_roots)
 
     async def final_cycle(self, conn: ConnId, *, yielding: bool = False) -> None:
         """Push every change to ``conn`` and return once the peer made it durable.
@@ -493,10 +514,10 @@ class SyncEngine:
             status.watch_state = "watching"
         elif self._watch_paused:
             status.watch_state = "paused"
-        elif self._watch_error is not None and self._sender is not None:
+        elif self._watch_error is not None and (self._sender is not None or self._primary):
             status.watch_state = "failed"
         else:
-            status.watch_state = "off"  # no secondary to send to, or starting
+            status.watch_state = "off"  # not primary, or starting
         watch = self._folder_watch
         watching = status.watch_state == "watching"
         status.watched_folders = watch.watched if watching and watch is not None else 0
@@ -539,12 +560,7 @@ class SyncEngine:
         while not self._watch_ended:
             # One event per watcher: set to stop, or to watch again (a root moved).
             run = self._watch_run = anyio.Event()
-            # Only a node sending to its peer needs events: a session starts with
-            # a full scan, so nothing is missed while nobody watches.
-            watched = (
-                self._sender is not None and not self._watch_paused and not self._watch_deferred
-            )
-            roots = [r for r in self.roots() if r.path.is_dir()] if watched else []
+            roots = [r for r in self.roots() if r.path.is_dir()] if self._watch_wanted() else []
             if not roots:
                 with anyio.move_on_after(self.config.node.period):
                     await run.wait()
@@ -580,6 +596,23 @@ class SyncEngine:
                     await run.wait()
             finally:
                 self._watching = False
+                self._listing = None  # events no longer reach it
+
+    def _watch_wanted(self) -> bool:
+        """Whether the file watcher should run now.
+
+        A node sending to its peer watches, except while a first cycle or a
+        pause holds it (see :meth:`_run_sender`, :meth:`_pause_watching`); a
+        session begins with a full scan, so nothing is missed meanwhile. A
+        primary waiting for a secondary watches to keep its listing current,
+        until the next session's first cycle takes it.
+        """
+        sender = self._sender
+        if sender is None:
+            return self._primary
+        if sender.listing_pending:
+            return True
+        return not self._watch_paused and not self._watch_deferred
 
     def _watch_started(self) -> None:
         self._watching = True
@@ -589,6 +622,54 @@ class SyncEngine:
         # What changed while nothing watched is known only to a scan.
         self._trigger.full = True
         self._wake.set()
+        if self._sender is None and self._primary and self._tg is not None:
+            listing = self._listing = {r.spec.id: FolderListing(r) for r in self.roots()}
+            self._tg.start_soon(self._keep_listing, listing)
+
+    async def _keep_listing(self, listing: dict[str, FolderListing]) -> None:
+        """List every root for the secondary to come, then apply what the watcher notes."""
+        began = time.monotonic()
+        await anyio.to_thread.run_sync(_list_all, listing.values())
+        if self._listing is not listing:
+            return  # taken or dropped meanwhile
+        broken = [f"{one.root.path}: {one.broken}" for one in listing.values() if one.broken]
+        if broken:
+            logger.info("folder listing not kept: %s", "; ".join(broken))
+        else:
+            logger.info(
+                "listed %d files in %.2f s; kept current until a secondary connects",
+                sum(one.files for one in listing.values()),
+                time.monotonic() - began,
+            )
+        await self._refresh_listing()
+
+    async def _refresh_listing(self) -> None:
+        """Apply the changes noted in the kept listing, in a worker thread, one run at a time."""
+        listing = self._listing
+        if listing is None or self._listing_refresh:
+            return  # the running refresh looks again when it ends
+        self._listing_refresh = True
+        try:
+            await anyio.to_thread.run_sync(_refresh_all, listing.values())
+        finally:
+            self._listing_refresh = False
+        if self._listing is listing and any(one.pending for one in listing.values()):
+            await self._refresh_listing()
+
+    def _take_listing(self, session: _SenderSession) -> dict[str, FolderListing]:
+        """The kept listing for ``session``'s first cycle, if it can be trusted; stops keeping it.
+
+        Trusted while the watcher that fed it runs: it stops now, until the
+        cycle's end (as for any session), and its start then asks for a full
+        scan, which finds what changed after this.
+        """
+        session.listing_pending = False
+        listing, self._listing = self._listing, None
+        trusted = self._watching and listing is not None
+        self._watch_run.set()
+        if not trusted or listing is None:
+            return {}
+        return {root_id: one for root_id, one in listing.items() if one.listed}
 
     def _pause_watching(self) -> None:
         """Stop the watcher while a full cycle reads most of the tree (event loop only).
@@ -634,6 +715,8 @@ class SyncEngine:
         return _identities(roots) == self._watched
 
     def _note_changes(self, roots: Sequence[LocalRoot], paths: Sequence[str]) -> None:
+        listing = self._listing
+        noted = self._trigger.paths if listing is None else {}
         for raw in paths:
             changed = Path(raw)
             for root in roots:
@@ -642,9 +725,15 @@ class SyncEngine:
                 except ValueError:
                     continue
                 if rel.parts and not rel.name.startswith(".sbs-tmp-"):
-                    self._trigger.paths.setdefault(root.spec.id, set()).add(rel.as_posix())
+                    noted.setdefault(root.spec.id, set()).add(rel.as_posix())
                 break
-        if self._trigger.paths:
+        if listing is not None:
+            for root_id, names in noted.items():
+                if root_id in listing:
+                    listing[root_id].note(names)
+            if noted and self._tg is not None:
+                self._tg.start_soon(self._refresh_listing)
+        elif self._trigger.paths:
             self._wake.set()
 
     # ------------------------------------------------------------------ sender
@@ -655,9 +744,13 @@ class SyncEngine:
         # watched. Started before that cycle, it held the first scan back
         # 0.06 s on 20,000 files (listing the folders and adding their
         # watches), and a first sync then stopped it again (_pause_watching).
-        # A session for one final cycle has no use for it at all.
+        # A session for one final cycle has no use for it at all. A watcher
+        # that keeps a listing for this session goes on until the first cycle
+        # takes it (see _take_listing).
         self._watch_deferred = not session.final_only
-        self._watch_run.set()  # the watcher loop looks again (see _watch_roots)
+        session.listing_pending = not session.final_only and self._listing is not None
+        if not session.listing_pending:
+            self._watch_run.set()  # the watcher loop looks again (see _watch_roots)
         again = False
         try:
             with session.scope:
@@ -684,7 +777,8 @@ class SyncEngine:
             session.finished.set()
             if self._sender is session:
                 self._sender = None
-                self._watch_run.set()  # and stops
+                if not session.listing_pending:  # else it keeps the listing for the next
+                    self._watch_run.set()  # and stops, or keeps a listing (see _watch_wanted)
                 if again:
                     self.attach(session.conn)
             session.close()
@@ -778,10 +872,13 @@ class SyncEngine:
         self.status.files_pending = 0
         sent_files: dict[str, dict[str, tuple[int, str]]] = {}
         sent_count = sent_bytes = 0
+        listing = self._take_listing(session) if session.listing_pending else {}
         for root in roots:
             if trigger.full:
                 # Sending starts with the first folders listed, not after the whole scan.
-                done, deletes = await self._scan_and_send(session, root, yielding=trigger.yielding)
+                done, deletes = await self._scan_and_send(
+                    session, root, yielding=trigger.yielding, listing=listing.get(root.spec.id)
+                )
             else:
                 names = trigger.paths.get(root.spec.id, set())
                 if not names:
@@ -857,12 +954,19 @@ class SyncEngine:
         return not (ack.retry or ack.refused or ack.error)
 
     async def _scan_and_send(
-        self, session: _SenderSession, root: LocalRoot, *, yielding: bool
+        self,
+        session: _SenderSession,
+        root: LocalRoot,
+        *,
+        yielding: bool,
+        listing: FolderListing | None = None,
     ) -> tuple[dict[str, tuple[int, str]], list[str]]:
         """A full scan of ``root``, sending what differs as the folders are listed.
 
         Returns what was sent (as :meth:`_send_root`) and strict sync's
-        deletions, which only the whole scan can tell.
+        deletions, which only the whole scan can tell. ``listing``: kept up
+        to date while this node waited for a secondary; it stands in for the
+        scan if it can still be trusted.
         """
         tx, rx = anyio.create_memory_object_stream[list[Candidate]](SCAN_AHEAD)
         deletes: list[str] = []
@@ -873,7 +977,7 @@ class SyncEngine:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 async with tx:
                     deletes = await anyio.to_thread.run_sync(
-                        self._scan_and_diff, session, root, yielding, tx
+                        self._scan_and_diff, session, root, yielding, tx, listing
                     )
 
         async with _task_group() as tg:
@@ -888,6 +992,7 @@ class SyncEngine:
         root: LocalRoot,
         yielding: bool,
         out: MemoryObjectSendStream[list[Candidate]],
+        listing: FolderListing | None = None,
     ) -> list[str]:
         """Scan ``root`` (blocks), handing the differing files to ``out`` as folders are listed.
 
@@ -938,7 +1043,19 @@ class SyncEngine:
             if len(candidates) >= group and not yielding:
                 hand_over()  # (a split brain's loser looks at all of them at once, below)
 
-        scan = scan_root(root.path, root.spec.filter, on_folder=on_folder)
+        scan = listing.refresh() if listing is not None else None
+        if scan is not None:
+            logger.info(
+                "first cycle from the listing of %s kept while no secondary was connected"
+                " (%d files)",
+                root.path,
+                len(scan.files),
+            )
+            files = list(scan.files.values())
+            for start in range(0, len(files), LISTING_STEP):
+                on_folder(files[start : start + LISTING_STEP])
+        else:
+            scan = scan_root(root.path, root.spec.filter, on_folder=on_folder)
         self._set_bases(agreed, [])
         if yielding:
             candidates = self._keep_conflicts_of_loser(session, root, candidates)
@@ -946,6 +1063,17 @@ class SyncEngine:
         deletes: list[str] = []
         if self.config.node.strict_sync:
             gone = [p for p in known if p not in scan.files]
+            if listing is not None and gone:
+                # A listing misses what no event told of: nothing is deleted on
+                # its word alone, and a full scan follows for what is still here.
+                gone, present = still_absent(root, gone)
+                if present:
+                    logger.info(
+                        "%d files the listing of %s lacked are there: a full scan follows",
+                        len(present),
+                        root.path,
+                    )
+                    self._trigger.full = True
             deletes = self._allowed_deletes(root, gone, scan.complete, len(scan.files), len(known))
         for error in scan.errors[:3]:
             logger.warning("scan of %s: %s", root.path, error)
@@ -1036,16 +1164,12 @@ class SyncEngine:
     def _diff_paths(
         self, session: _SenderSession, root: LocalRoot, names: list[str]
     ) -> tuple[list[tuple[str, FileStat, str | None]], list[str]]:
-        from sbs_core.sync.scan import matches  # noqa: PLC0415 - keeps the top import list short
-
         known = session.known.get(root.spec.id, {})
         found: dict[str, tuple[str, FileStat, str | None]] = {}
         gone: list[str] = []
         for name in names:
-            full = root.path / name
-            try:
-                st = full.lstat()
-            except FileNotFoundError:
+            now = look(root, name)
+            if not now.exists:
                 if name in known:
                     gone.append(name)
                 elif self.config.node.strict_sync and any(p.startswith(name + "/") for p in known):
@@ -1054,27 +1178,11 @@ class SyncEngine:
                     # apart. The loop runs it next; it waits for this thread meanwhile.
                     self._trigger.full = True
                 continue
-            except OSError:
-                continue
-            if _is_folder(st.st_mode):
-                # A folder created or moved in: files written in it before the watcher
-                # saw it, and those it came with, raise no events of their own.
-                inside = scan_root(full, root.spec.filter, prefix=f"{name}/")
-                for path, fs in inside.files.items():
-                    found[path] = (path, fs, self._cached_digest(root.spec.id, fs))
-                self._note_names(root, inside.unsendable)
-                continue
-            base = name.rsplit("/", 1)[-1]
-            if not _is_regular(st.st_mode) or not matches(root.spec.filter, base):
-                continue
-            if base.startswith(TEMP_PREFIX) or f"/{STAGING_PREFIX}" in f"/{name}":
-                continue  # sbs's own, as for the scan
-            line = unsendable_line(name)
-            if line is not None:
-                self._note_names(root, [line])
-                continue
-            fs = FileStat(path=name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
-            found[name] = (name, fs, self._cached_digest(root.spec.id, fs))
+            if now.error is not None and not now.folder:
+                continue  # unreadable now: the next full scan says why
+            for path, fs in now.files.items():
+                found[path] = (path, fs, self._cached_digest(root.spec.id, fs))
+            self._note_names(root, now.unsendable)
         candidates = list(found.values())
         deletes: list[str] = []
         if gone and self.config.node.strict_sync:
@@ -2009,16 +2117,14 @@ def _run_script(command: tuple[str, ...], timeout: float) -> str:
     return ""
 
 
-def _is_regular(mode: int) -> bool:
-    import stat  # noqa: PLC0415
+def _list_all(listings: Iterable[FolderListing]) -> None:
+    for listing in listings:
+        listing.list()
 
-    return stat.S_ISREG(mode)
 
-
-def _is_folder(mode: int) -> bool:
-    import stat  # noqa: PLC0415
-
-    return stat.S_ISDIR(mode)
+def _refresh_all(listings: Iterable[FolderListing]) -> None:
+    for listing in listings:
+        listing.refresh()
 
 
 def deletes_count(plan: list[tuple[LocalRoot, list[str]]]) -> int:
