@@ -28,6 +28,11 @@ USED = "first cycle from the listing of"
 LACKED = "the listing of"
 
 
+@pytest.fixture(autouse=True)
+def sync_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sbs.sync")
+
+
 async def until(test: Callable[[], bool], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not test():
@@ -63,6 +68,15 @@ def holds(node: Node, files: Iterable[str]) -> Callable[[], bool]:
     return test
 
 
+def two_nodes(tmp_path: Path) -> tuple[Node, Node]:
+    """a and b, replicating ``tmp_path/a/data`` to ``tmp_path/b/data`` strictly; not started."""
+    network = MemoryNetwork()
+    return (
+        make_node(tmp_path, network, "a", A_HOST, B_HOST),
+        make_node(tmp_path, network, "b", B_HOST, A_HOST),
+    )
+
+
 def fill(folder: Path, files: Iterable[str]) -> None:
     for name in files:
         path = folder / name
@@ -83,7 +97,6 @@ def first_cycle(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
 async def test_the_first_cycle_starts_from_the_listing_kept_while_waiting(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sbs.sync")
     src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
     keep = [f"keep{i}.txt" for i in range(20)]
     before = [*keep, "changed.txt", "gone.txt", "old/x.txt", "old/deeper/y.txt", "moved/m.txt"]
@@ -92,9 +105,7 @@ async def test_the_first_cycle_starts_from_the_listing_kept_while_waiting(
     # b holds copies of what a keeps, and of what a deletes while it waits (few
     # enough of b's files for node.max_delete to let the deletions through).
     fill(dst, [*keep, "gone.txt", "old/x.txt", "old/deeper/y.txt", "moved/m.txt"])
-    network = MemoryNetwork()
-    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    a, b = two_nodes(tmp_path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
         await until(holds(a, before))
@@ -122,7 +133,6 @@ async def test_the_first_cycle_starts_from_the_listing_kept_while_waiting(
 async def test_a_file_the_listing_missed_is_not_deleted_and_a_scan_follows(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sbs.sync")
     real_note = FolderListing.note
 
     def note_all_but_missed(self: FolderListing, paths: Iterable[str]) -> int:
@@ -133,9 +143,7 @@ async def test_a_file_the_listing_missed_is_not_deleted_and_a_scan_follows(
     src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
     fill(src, ["one.txt", "two.txt"])
     fill(dst, ["missed.txt"])  # an older copy than the one a writes
-    network = MemoryNetwork()
-    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    a, b = two_nodes(tmp_path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
         await until(holds(a, ["one.txt", "two.txt"]))
@@ -157,12 +165,9 @@ async def test_a_file_the_listing_missed_is_not_deleted_and_a_scan_follows(
 async def test_a_folder_replaced_while_waiting_is_scanned_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sbs.sync")
     src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
     fill(src, ["before/a.txt", "before/b.txt"])
-    network = MemoryNetwork()
-    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    a, b = two_nodes(tmp_path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
         await until(holds(a, ["before/a.txt", "before/b.txt"]))
@@ -181,9 +186,7 @@ async def test_a_folder_replaced_while_waiting_is_scanned_again(
 async def test_only_a_primary_keeps_a_listing(tmp_path: Path) -> None:
     src = tmp_path / "a" / "data"
     fill(src, ["one.txt"])
-    network = MemoryNetwork()
-    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    a, b = two_nodes(tmp_path)
     fill(tmp_path / "b" / "data", ["on-b.txt"])
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
@@ -205,7 +208,6 @@ async def test_only_a_primary_keeps_a_listing(tmp_path: Path) -> None:
 async def test_a_waiting_primary_whose_watcher_fails_says_so_and_scans_later(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sbs.sync")
 
     class FailingWatch:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -217,9 +219,7 @@ async def test_a_waiting_primary_whose_watcher_fails_says_so_and_scans_later(
     monkeypatch.setattr(engine, "FolderWatch", FailingWatch)
     src, dst = tmp_path / "a" / "data", tmp_path / "b" / "data"
     fill(src, ["one.txt", "two.txt"])
-    network = MemoryNetwork()
-    a = make_node(tmp_path, network, "a", A_HOST, B_HOST)
-    b = make_node(tmp_path, network, "b", B_HOST, A_HOST)
+    a, b = two_nodes(tmp_path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
         await until(lambda: a.status().get("watch_state") == "failed")
