@@ -70,6 +70,7 @@ from sbs_core.sync.roots import (
     LocalRoot,
     load_peer_roots,
     receiver_roots,
+    root_identity,
     save_peer_roots,
     sender_roots,
 )
@@ -213,15 +214,9 @@ class SyncStatus:
 
 
 def _identities(roots: Sequence[LocalRoot]) -> dict[str, tuple[int, int]]:
-    """Each root's (device, inode): a root replaced or remounted gets new ones."""
-    found = {}
-    for root in roots:
-        try:
-            st = os.stat(root.path)
-        except OSError:
-            continue
-        found[root.spec.id] = (st.st_dev, st.st_ino)
-    return found
+    """Each root's (device, inode), for those there (see :func:`root_identity`)."""
+    seen = {root.spec.id: root_identity(root) for root in roots}
+    return {root_id: identity for root_id, identity in seen.items() if identity is not None}
 
 
 @dataclass(slots=True)

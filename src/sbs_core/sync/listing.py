@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from sbs_core.errors import os_reason
 
 from .paths import STAGING_PREFIX, TEMP_PREFIX, quoted
-from .roots import LocalRoot
+from .roots import LocalRoot, root_identity
 from .scan import FileStat, ScanResult, matches, scan_root, unsendable_line
 
 __all__ = ("FolderListing", "Look", "look", "still_absent")
@@ -106,14 +106,6 @@ def still_absent(root: LocalRoot, paths: Iterable[str]) -> tuple[list[str], list
     return absent, present
 
 
-def _identity(root: LocalRoot) -> tuple[int, int] | None:
-    try:
-        st = os.stat(root.path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 class FolderListing:
     """One root's files: listed once, then brought up to date with the paths events name.
 
@@ -155,7 +147,7 @@ class FolderListing:
     def list(self) -> None:
         """List the root (blocks). Paths noted meanwhile are applied by :meth:`refresh`."""
         with self._apply_lock:
-            identity = _identity(self.root)
+            identity = root_identity(self.root)
             scan = scan_root(self.root.path, self.root.spec.filter)
             if not scan.complete:
                 self.broken = "; ".join(scan.errors[:1]) or f"{self.root.path} is missing"
@@ -174,7 +166,7 @@ class FolderListing:
             scan = self._scan
             if scan is None:
                 return None
-            if self.broken is None and _identity(self.root) != self._identity:
+            if self.broken is None and root_identity(self.root) != self._identity:
                 self.broken = f"{self.root.path} is no longer the folder listed"
             if self.broken is None and names:
                 self._apply(scan, names)

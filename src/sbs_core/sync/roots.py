@@ -22,13 +22,32 @@ from sbs_core.messages import RootSpec
 from sbs_core.state import write_atomically
 from sbs_core.sync.paths import UnsafePathError, check_wire_path
 
-__all__ = ("LocalRoot", "load_peer_roots", "receiver_roots", "save_peer_roots", "sender_roots")
+__all__ = (
+    "LocalRoot",
+    "load_peer_roots",
+    "receiver_roots",
+    "root_identity",
+    "save_peer_roots",
+    "sender_roots",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class LocalRoot:
     spec: RootSpec
     path: Path
+
+
+def root_identity(root: LocalRoot) -> tuple[int, int] | None:
+    """The (device, inode) of the folder at ``root``'s path, None if none is there.
+
+    A root moved away and replaced, or a share unmounted or remounted, gets new ones.
+    """
+    try:
+        st = os.stat(root.path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _wire_form(path: Path, base: Path) -> str:
