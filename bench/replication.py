@@ -95,6 +95,8 @@ PROBE_RETRY = 30.0
 # size at that speed gives the durable figures their scale (not a bound: the
 # disk's speed moves between runs by more than the probe can tell).
 PERSIST_BYTES = 256 * MIB
+# Context.free_memory before the extra rsync run frees the set's size and this much more.
+FREED_EXTRA = 256 * MIB
 # Lets a's start-up work (sentinel processes, file watches) finish before b's
 # start is timed: the figure is a secondary joining a running primary.
 PRIMARY_SETTLE = 1.0
@@ -430,6 +432,8 @@ class SetResult:
     sbs: dict[str, list[SyncRun]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
     rsync: Series = field(default_factory=Series)
     rsync_cpu: Series = field(default_factory=Series)
+    # rsync once a round into memory freed just before (Context.free_memory).
+    rsync_freed: Series = field(default_factory=Series)
     copier: Series = field(default_factory=Series)  # run_copier, once a round
     copier_synced: Series = field(default_factory=Series)  # run_copier(synced=True), the same
     ratios: dict[str, Series] = field(default_factory=lambda: {v: Series() for v in VARIANTS})
@@ -753,6 +757,23 @@ class Context:
         self.settle()
         return PERSIST_BYTES / took
 
+    def free_memory(self, size: int) -> None:
+        """Write ``size`` bytes through the page cache, flush them and delete them.
+
+        On the virtual machine measured, page-cache pages that were not in use
+        for a few seconds cost about 1-2.8 s a GiB more to write into than
+        pages freed a moment ago (the host takes back free memory and gives
+        it again on first use). Called right before a run, this makes that
+        run write into just-freed memory, whatever the runs before it left.
+        """
+        path = self.work / f"ballast-{time.monotonic_ns()}"
+        block = random.Random(size).randbytes(MIB)
+        with path.open("wb") as f:
+            for _ in range(size // MIB + 1):
+                f.write(block)
+        os.sync()
+        path.unlink()
+
     def keep_logs(self, pair: Pair, tag: str) -> None:
         if self.logs is None:
             return
@@ -926,6 +947,7 @@ def run_set(ctx: Context, ds: DataSet) -> tuple[SetResult, Steady | None]:
                 break
             for variant in VARIANTS:
                 one_pair_of_runs(ctx, res, data, daemon, variant=variant, index=index)
+            one_rsync_into_freed_memory(ctx, res, data, daemon)
             one_copier_run(ctx, res, data, folder / f"copier-{index + 1}")
             one_copier_run(ctx, res, data, folder / f"copier-synced-{index + 1}", synced=True)
         res.probes.append(ctx.probe_disk())
@@ -983,6 +1005,25 @@ def one_pair_of_runs(
         say(
             f"  rsync {'':26} run {len(res.rsync.values)}: {took:7.3f} s, CPU {cpu:.2f} s"
             f"{shown}; {load_line()}"
+        )
+    ctx.settle()
+
+
+def one_rsync_into_freed_memory(
+    ctx: Context, res: SetResult, data: Path, daemon: RsyncDaemon
+) -> None:
+    """rsync once more, right after memory the size of the set was freed (Context.free_memory)."""
+    try:
+        ctx.free_memory(res.ds.total + FREED_EXTRA)
+        took, _ = run_rsync(ctx, res.ds, data, daemon, verify=False)
+    except (RunFailed, OSError, subprocess.TimeoutExpired) as exc:
+        res.failures.append(f"rsync into freed memory: {exc}".splitlines()[0])
+        ctx.say(f"  rsync into freed memory: FAILED {exc}")
+    else:
+        res.rsync_freed.add(took)
+        ctx.say(
+            f"  {'rsync, memory freed just before':33} run {len(res.rsync_freed.values)}:"
+            f" {took:7.3f} s; {load_line()}"
         )
     ctx.settle()
 
@@ -1237,6 +1278,17 @@ def set_rows(res: SetResult) -> list[Row]:
         started = res.series(variant, "from_start")
         text, _ = ratio_text(started, res.rsync, Series())
         rows.append(Row("↳ from b's process start", started.text(), f"rsync {ref}", text, None))
+        if res.rsync_freed.values:
+            text, _ = ratio_text(joined, res.rsync_freed, Series())
+            rows.append(
+                Row(
+                    "↳ against rsync writing into memory freed just before it (see above)",
+                    joined.text(),
+                    f"rsync {res.rsync_freed.text()}, {len(res.rsync_freed.values)} runs",
+                    text,
+                    None,
+                )
+            )
         if res.copier.values:
             text, _ = ratio_text(joined, res.copier, Series())
             rows.append(
@@ -1494,7 +1546,14 @@ def method(runs: int, pause: float) -> str:
         "files created within minutes of a mass deletion are several times slower to "
         f"create, for either tool), then `sync` and a {pause:g} s pause. The ratio is "
         "sbs's median over rsync's median (all rsync runs of the set); 'pairs' is the "
-        "range of each sbs run over the rsync run right after it. The first round's "
+        "range of each sbs run over the rsync run right after it. Once a round rsync runs "
+        "once more, right after the benchmark wrote the set's size plus "
+        f"{FREED_EXTRA // MIB} MiB to a file, flushed and deleted it: on the virtual "
+        "machine measured, writing into page-cache pages unused for a few seconds costs "
+        "about 1-2.8 s a GiB more than into pages freed a moment ago, so a tool writing "
+        "through the page cache (rsync, the copier) is slower when the runs before it "
+        "left no memory just freed; sbs writes files of 256 KiB and more past the page "
+        "cache (`O_DIRECT`). That row shows rsync without that cost. The first round's "
         "copies are compared byte for byte with the "
         "source, outside the timed part. Figures are medians with (min-max); 'met?' "
         "compares the median, except memory and silence (worst run). Figures 2 and 3 use "
