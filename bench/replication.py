@@ -1245,6 +1245,14 @@ def ratio_text(sbs: Series, ref: Series, pairs: Series) -> tuple[str, float | No
     return f"{ratio:.2f}x{spread}", ratio
 
 
+def against(sbs: Series, what: str, name: str, ref: Series) -> Row:
+    """An informational row: ``sbs`` against the reference ``ref`` (``name``, ``what`` it is)."""
+    text, _ = ratio_text(sbs, ref, Series())
+    return Row(
+        f"↳ against {what}", sbs.text(), f"{name} {ref.text()}, {len(ref.values)} runs", text, None
+    )
+
+
 def set_rows(res: SetResult) -> list[Row]:
     name = res.ds.name
     target = TARGET_RATIO[name]
@@ -1278,40 +1286,27 @@ def set_rows(res: SetResult) -> list[Row]:
         started = res.series(variant, "from_start")
         text, _ = ratio_text(started, res.rsync, Series())
         rows.append(Row("↳ from b's process start", started.text(), f"rsync {ref}", text, None))
-        if res.rsync_freed.values:
-            text, _ = ratio_text(joined, res.rsync_freed, Series())
-            rows.append(
-                Row(
-                    "↳ against rsync writing into memory freed just before it (see above)",
-                    joined.text(),
-                    f"rsync {res.rsync_freed.text()}, {len(res.rsync_freed.values)} runs",
-                    text,
-                    None,
+        references = [
+            (
+                "rsync writing into memory freed just before it (see above)",
+                "rsync",
+                res.rsync_freed,
+            ),
+            (
+                "a plain Python copier (one process, no network, hash or fsync)",
+                "copier",
+                res.copier,
+            ),
+        ]
+        if durable:
+            references.append(
+                (
+                    "the same copier followed by one sync (the set made durable)",
+                    "copier + sync",
+                    res.copier_synced,
                 )
             )
-        if res.copier.values:
-            text, _ = ratio_text(joined, res.copier, Series())
-            rows.append(
-                Row(
-                    "↳ against a plain Python copier (one process, no network, hash or fsync)",
-                    joined.text(),
-                    f"copier {res.copier.text()}, {len(res.copier.values)} runs",
-                    text,
-                    None,
-                )
-            )
-        if durable and res.copier_synced.values:
-            text, _ = ratio_text(joined, res.copier_synced, Series())
-            rows.append(
-                Row(
-                    "↳ against the same copier followed by one sync (the set made durable)",
-                    joined.text(),
-                    f"copier + sync {res.copier_synced.text()},"
-                    f" {len(res.copier_synced.values)} runs",
-                    text,
-                    None,
-                )
-            )
+        rows += [against(joined, *reference) for reference in references if reference[2].values]
         cpu = res.series(variant, "cpu")
         text, _ = ratio_text(cpu, res.rsync_cpu, Series())
         rows.append(
