@@ -645,26 +645,25 @@ class SyncEngine:
             return  # the running refresh looks again when it ends
         self._listing_refresh = True
         try:
-            await anyio.to_thread.run_sync(_refresh_all, listing.values())
+            while True:
+                await anyio.to_thread.run_sync(_refresh_all, listing.values())
+                if self._listing is not listing or not any(o.pending for o in listing.values()):
+                    return
         finally:
             self._listing_refresh = False
-        if self._listing is listing and any(one.pending for one in listing.values()):
-            await self._refresh_listing()
 
     def _take_listing(self, session: _SenderSession) -> dict[str, FolderListing]:
         """The kept listing for ``session``'s first cycle, if it can be trusted; stops keeping it.
 
-        Trusted while the watcher that fed it runs: it stops now, until the
-        cycle's end (as for any session), and its start then asks for a full
-        scan, which finds what changed after this.
+        A listing is kept only while the watcher that feeds it runs (see
+        _watch_started and _watch_roots). It stops now, until the cycle's end
+        (as for any session), and its start then asks for a full scan, which
+        finds what changed after this.
         """
         session.listing_pending = False
         listing, self._listing = self._listing, None
-        trusted = self._watching and listing is not None
         self._watch_run.set()
-        if not trusted or listing is None:
-            return {}
-        return {root_id: one for root_id, one in listing.items() if one.listed}
+        return {root_id: one for root_id, one in (listing or {}).items() if one.listed}
 
     def _pause_watching(self) -> None:
         """Stop the watcher while a full cycle reads most of the tree (event loop only).
