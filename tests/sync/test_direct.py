@@ -7,13 +7,14 @@ import fcntl
 import os
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from sbs_core.sync import direct
-from sbs_core.sync.apply import Applier, Incoming
+from sbs_core.sync.apply import Applier, Incoming, Outcome
 from sbs_core.sync.paths import TEMP_PREFIX
 from sbs_core.sync.scan import new_hasher
 
@@ -222,42 +223,101 @@ def test_an_aborted_direct_file_leaves_nothing_and_its_buffer_serves_the_next(
     assert (root / "big.bin").read_bytes() == data
 
 
-def test_a_full_buffer_is_written_while_the_next_one_fills_and_the_file_closes_after_it(
+class HeldDisk:
+    """os.write held back for files opened with O_DIRECT until ``free`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.free = threading.Event()
+        self.writing = threading.Event()  # a direct write is waiting
+        self.threads: list[str] = []  # the threads that wrote past the page cache
+        real = os.write
+
+        def write(fd: int, data: bytes | memoryview) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT:
+                self.threads.append(threading.current_thread().name)
+                self.writing.set()
+                assert self.free.wait(10), "the test never let the disk go on"
+            return real(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+
+
+def in_thread(work: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread
+
+
+def test_a_file_is_written_and_closed_in_the_writing_thread_while_the_next_one_is_received(
     direct_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = direct_root
-    real = os.write
-    disk_free, writing = threading.Event(), threading.Event()
-    direct_writes: list[str] = []
-
-    def write(fd: int, data: bytes | memoryview) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT:
-            direct_writes.append(threading.current_thread().name)
-            writing.set()
-            assert disk_free.wait(10), "the test never let the disk go on"
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
-    data = random.Random(3).randbytes(LARGE)
+    disk = HeldDisk(monkeypatch)
+    first, second = random.Random(3).randbytes(LARGE), random.Random(4).randbytes(LARGE)
     site = applier(root)
-    incoming = site.begin(ROOT_ID, "big.bin", size=LARGE, mtime_ns=0, digest=digest_of(data))
-    view = memoryview(data)
-    # The disk holds on to the first buffer; the caller still fills every one it may.
-    incoming.write(view[: direct.AHEAD * direct.BUFFER + 1])
-    assert writing.wait(10)  # the first full buffer is on its way...
-    assert threading.current_thread().name not in direct_writes  # ...in another thread
+    incomings: list[Incoming] = []
 
-    def write_the_rest() -> None:
-        incoming.write(view[direct.AHEAD * direct.BUFFER + 1 :])
+    def receive_both() -> None:
+        for name, data in (("one.bin", first), ("two.bin", second)):
+            incoming = site.begin(ROOT_ID, name, size=LARGE, mtime_ns=0, digest=digest_of(data))
+            incoming.write(data)
+            incoming.finish()
+            incomings.append(incoming)
+
+    # The disk holds on to the first buffer: both files are received all the same,
+    # their writes and closes waiting in the writing thread.
+    receiving = in_thread(receive_both)
+    receiving.join(10)
+    if receiving.is_alive():
+        disk.free.set()
+        pytest.fail("receiving waited for the disk")
+    assert disk.writing.wait(10)
+    assert not (root / "one.bin").exists()
+
+    outcomes: list[Outcome] = []
+    committing = in_thread(lambda: outcomes.extend(site.commit(incomings)))
+    try:
+        committing.join(0.2)
+        assert committing.is_alive()  # a file commits only once its writes and close are done
+    finally:
+        disk.free.set()
+    committing.join(10)
+    assert not committing.is_alive()
+    assert [o.status for o in outcomes] == ["applied", "applied"]
+    assert (root / "one.bin").read_bytes() == first
+    assert (root / "two.bin").read_bytes() == second
+    # Every byte past the page cache went from one thread, not the receiving one.
+    assert len(set(disk.threads)) == 1
+    assert disk.threads[0] != receiving.name
+
+
+def test_at_most_queued_buffers_wait_for_the_disk(
+    direct_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = direct_root
+    disk = HeldDisk(monkeypatch)
+    size = (direct.QUEUED + 4) * direct.BUFFER
+    data = random.Random(5).randbytes(size)
+    site = applier(root)
+    incoming = site.begin(ROOT_ID, "big.bin", size=size, mtime_ns=0, digest=digest_of(data))
+    written = [0]
+
+    def receive() -> None:
+        for start in range(0, size, direct.BUFFER):
+            incoming.write(memoryview(data)[start : start + direct.BUFFER])
+            written[0] += direct.BUFFER
         incoming.finish()
 
-    closing = threading.Thread(target=write_the_rest)
-    closing.start()
-    closing.join(0.2)
-    assert closing.is_alive()  # the file cannot close while its buffers are on their way
-    disk_free.set()
-    closing.join(10)
-    assert not closing.is_alive()
+    receiving = in_thread(receive)
+    try:
+        receiving.join(0.3)
+        assert receiving.is_alive()  # memory is bounded: the writer waits for the disk...
+        # ...once QUEUED full buffers wait there: the one being written and those behind it.
+        assert written[0] == (direct.QUEUED - 1) * direct.BUFFER
+    finally:
+        disk.free.set()
+    receiving.join(10)
+    assert not receiving.is_alive()
     [outcome] = site.commit([incoming])
     assert outcome.status == "applied"
     assert (root / "big.bin").read_bytes() == data
@@ -279,12 +339,18 @@ def test_a_background_write_that_fails_fails_its_file_and_leaves_nothing(
     site = applier(root)
     incoming = site.begin(ROOT_ID, "big.bin", size=LARGE, mtime_ns=0, digest=digest_of(data))
 
-    def receive_all() -> None:
-        incoming.write(data)  # fails here, or at the latest when the file is finished
-        incoming.finish()
+    def receive_all() -> str:
+        """Why the file failed: found while it was written, or by its commit at the latest."""
+        try:
+            incoming.write(data)
+            incoming.finish()
+        except OSError as exc:
+            return str(exc)
+        [failed] = site.commit([incoming])
+        assert failed.status == "retry"
+        return failed.reason
 
-    with pytest.raises(OSError, match="No space left"):
-        receive_all()
+    assert "No space left" in receive_all()
     assert not incoming.pending
     assert list(root.iterdir()) == []
 

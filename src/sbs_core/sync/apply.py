@@ -45,6 +45,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -60,7 +61,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -291,6 +292,7 @@ class Incoming:
         "__weakref__",
         "_applier",
         "_at_name",
+        "_closing",
         "_digest",
         "_fd",
         "_finished_info",
@@ -341,6 +343,8 @@ class Incoming:
         self._fd = fd  # -1 once closed
         # Set when the temporary file was opened with O_DIRECT (see sbs_core.sync.direct).
         self._writer = writer
+        # Its close, going on in the writer's thread (see close): the file's lstat.
+        self._closing: Future[os.stat_result] | None = None
         self._state: Literal["open", "finished", "aborted", "committed"] = "open"
         # The temporary file's own lstat once finished (its device, and its
         # identity, which the rename keeps): no path lookup needed later.
@@ -463,21 +467,45 @@ class Incoming:
         Frees the file descriptor early: a batch of thousands of small files
         need not hold one each until its content hashes arrive. Does nothing
         if closed already; on a failure (a full disk) the file is aborted.
+
+        A file written past the page cache is closed in the writing thread,
+        after its last writes, and this returns at once: the next file is
+        received while the disk writes this one. Its failure is then found
+        by :meth:`Applier.flush`, which waits for the close.
         """
         self._require("open")
         fd = self._fd
         if fd < 0:
             return
+        if self._writer is not None:
+            self._fd = -1  # the writing thread's now
+            self._closing = self._writer.close_later(functools.partial(self._close_fd, fd))
+            return
         try:
-            if self._writer is not None:
-                self._writer.close_out()
-                self._writer.release()
+            self._close_fd(fd)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close_fd(self, fd: int) -> os.stat_result:
+        """Set the times, note the file's lstat, close it (even on a failure); the lstat."""
+        try:
             if self._applier.preserve_timestamps and _FD_TIMES:
                 # Set on the temporary file, so the target never shows the copy time.
                 os.utime(fd, ns=(time.time_ns(), self.mtime_ns))
             self._finished_info = os.fstat(fd)
+        finally:
             self._fd = -1
-            os.close(fd)  # a full disk may only show up here; closed even then
+            os.close(fd)  # a full disk may only show up here
+        return self._finished_info
+
+    def wait_closed(self) -> None:
+        """Wait for a close going on in the writing thread; on its failure, abort and raise it."""
+        closing, self._closing = self._closing, None
+        if closing is None:
+            return
+        try:
+            closing.result()
         except BaseException:
             self.abort()
             raise
@@ -501,6 +529,9 @@ class Incoming:
 
     def abort(self) -> None:
         """Close and delete the temporary file. Harmless if done already or committed."""
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            closing.exception()  # the file is the writing thread's until its close ends
         if self.pending:
             self._state = "aborted"
             fd, self._fd = self._fd, -1
@@ -839,6 +870,7 @@ class Applier:
         by_device: dict[int, list[int]] = {}
         for i, incoming in enumerate(batch):
             try:
+                incoming.wait_closed()
                 info = incoming._finished_info
                 if info is None or (self.preserve_timestamps and not _FD_TIMES):
                     info = os.stat(incoming._temp)
