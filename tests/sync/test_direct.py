@@ -230,13 +230,16 @@ class HeldDisk:
         self.free = threading.Event()
         self.writing = threading.Event()  # a direct write is waiting
         self.threads: list[str] = []  # the threads that wrote past the page cache
+        self.stuck = False  # a write waited for the test in vain (the test is wrong)
         real = os.write
 
         def write(fd: int, data: bytes | memoryview) -> int:
             if fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT:
                 self.threads.append(threading.current_thread().name)
                 self.writing.set()
-                assert self.free.wait(10), "the test never let the disk go on"
+                if not self.free.wait(10):
+                    self.stuck = True
+                    raise AssertionError("the test never let the disk go on")
             return real(fd, data)
 
         monkeypatch.setattr(os, "write", write)
@@ -286,9 +289,33 @@ def test_a_file_is_written_and_closed_in_the_writing_thread_while_the_next_one_i
     assert [o.status for o in outcomes] == ["applied", "applied"]
     assert (root / "one.bin").read_bytes() == first
     assert (root / "two.bin").read_bytes() == second
+    assert not disk.stuck
     # Every byte past the page cache went from one thread, not the receiving one.
     assert len(set(disk.threads)) == 1
     assert disk.threads[0] != receiving.name
+
+
+def test_a_session_aborted_while_closes_wait_for_the_disk_leaves_nothing(
+    direct_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = direct_root
+    disk = HeldDisk(monkeypatch)
+    site = applier(root)
+    for n in range(2):  # 8 jobs: 3 full buffers and the close of each file (QUEUED)
+        data = random.Random(n).randbytes(LARGE)
+        receive(site, f"f{n}.bin", data, [])  # finished: its writes and close wait
+    assert disk.writing.wait(10)
+
+    aborting = in_thread(site.abort_all)
+    try:
+        aborting.join(0.2)
+        assert aborting.is_alive()  # a file is removed only once its close is done
+    finally:
+        disk.free.set()
+    aborting.join(10)
+    assert not aborting.is_alive()
+    assert not disk.stuck
+    assert sorted(root.iterdir()) == []  # no temporary file left, nothing renamed
 
 
 def test_at_most_queued_buffers_wait_for_the_disk(
@@ -321,6 +348,7 @@ def test_at_most_queued_buffers_wait_for_the_disk(
     [outcome] = site.commit([incoming])
     assert outcome.status == "applied"
     assert (root / "big.bin").read_bytes() == data
+    assert not disk.stuck
 
 
 def test_a_background_write_that_fails_fails_its_file_and_leaves_nothing(
