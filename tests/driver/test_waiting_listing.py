@@ -84,13 +84,22 @@ def fill(folder: Path, files: Iterable[str]) -> None:
         path.write_bytes(f"{name} as first written\n".encode())
 
 
-def first_cycle(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
-    """Files sent and deletions of the sender's cycle 1, from its log."""
+def first_cycle_logged(caplog: pytest.LogCaptureFixture) -> tuple[int, int] | None:
+    """Files sent and deletions of the sender's cycle 1, from its log, once there."""
     for text in messages(caplog):
         found = re.match(r"cycle 1: sent (\d+) files \(.*\), (\d+) deletes", text)
         if found:
             return int(found[1]), int(found[2])
-    raise AssertionError("no log of cycle 1")
+    return None
+
+
+async def first_cycle(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """:func:`first_cycle_logged`, waited for: the sender logs its cycle once the
+    receiver's acknowledgement is in, a moment after the receiver's folder is complete."""
+    await until(lambda: first_cycle_logged(caplog) is not None)
+    logged = first_cycle_logged(caplog)
+    assert logged is not None
+    return logged
 
 
 @pytest.mark.anyio
@@ -125,7 +134,7 @@ async def test_the_first_cycle_starts_from_the_listing_kept_while_waiting(
         await until(lambda: tree(dst) == tree(src))
         assert f"{USED} {src} kept while no secondary was connected (26 files)" in messages(caplog)
         # b's 20 copies of the kept files agree: 6 files sent, 4 deleted.
-        assert first_cycle(caplog) == (6, 4)
+        assert await first_cycle(caplog) == (6, 4)
         tg.cancel_scope.cancel()
 
 
@@ -155,7 +164,7 @@ async def test_a_file_the_listing_missed_is_not_deleted_and_a_scan_follows(
         await until(lambda: tree(dst) == tree(src))
         assert (dst / "missed.txt").read_bytes() == b"the primary's newer copy\n"
         # The first cycle believed the listing for what to send, not for what to delete.
-        assert first_cycle(caplog) == (3, 0)
+        assert await first_cycle(caplog) == (3, 0)
         lacked = [m for m in messages(caplog) if m.startswith("1 files " + LACKED)]
         assert lacked == [f"1 files {LACKED} {src} lacked are there: a full scan follows"]
         tg.cancel_scope.cancel()
