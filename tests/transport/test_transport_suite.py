@@ -21,6 +21,7 @@ from anyio.abc import ByteStream, Listener, SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from sbs_core.transport import MemoryNetwork, TcpTransport, Transport
+from sbs_core.transport.tcp import READ_AHEAD
 
 pytestmark = pytest.mark.asyncio
 
@@ -373,6 +374,23 @@ async def test_a_connection_nobody_accepted_is_reset_when_the_listener_closes(
                 await client.receive()
 
 
+async def test_receive_refuses_a_max_bytes_below_one(network: Network) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with connection(network) as pair:
+            with pytest.raises(ValueError, match="max_bytes"):
+                await pair.server.receive(0)
+
+
+async def test_a_stream_allows_one_reader_at_a_time(network: Network) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with connection(network) as pair, anyio.create_task_group() as tg:
+            tg.start_soon(pair.server.receive)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(anyio.BusyResourceError):
+                await pair.server.receive()
+            await pair.client.send(b"x")
+
+
 # --- TCP only -------------------------------------------------------------------
 
 
@@ -393,6 +411,37 @@ async def test_tcp_sockets_send_at_once_and_keep_alive() -> None:
 async def test_tcp_refuses_keepalive_timings_that_are_not_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         TcpTransport(keepalive_interval=0)
+
+
+async def test_tcp_reads_ahead_of_its_reader_only_so_far() -> None:
+    # A stream keeps reading while its reader is busy, but not without end: once
+    # READ_AHEAD bytes wait unread it leaves the rest in the kernel, and the sender
+    # stops. Without that bound the whole payload would be buffered here.
+    payload = random.Random(12).randbytes(64 * 2**20)
+    sent = 0
+
+    async def send_all(stream: ByteStream) -> None:
+        nonlocal sent
+        view = memoryview(payload)
+        for start in range(0, len(payload), 2**20):
+            await stream.send(view[start : start + 2**20])
+            sent = start + 2**20
+
+    with anyio.fail_after(30):
+        async with connection(TcpNetwork()) as pair, anyio.create_task_group() as tg:
+            tg.start_soon(send_all, pair.client)
+            stalled_at = -1
+            while stalled_at != sent:
+                stalled_at = sent
+                await anyio.sleep(0.3)
+            sock = pair.server.extra(SocketAttribute.raw_socket)
+            kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + pair.client.extra(
+                SocketAttribute.raw_socket
+            ).getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert 0 < stalled_at <= READ_AHEAD + kernel + 2**20
+            received = await receive_exactly(pair.server, len(payload))
+    assert sent == len(payload)
+    assert received == payload
 
 
 # --- memory network only --------------------------------------------------------
@@ -553,22 +602,3 @@ async def test_break_connections_acts_through_a_partition() -> None:
 async def test_a_host_cannot_be_partitioned_from_itself() -> None:
     with pytest.raises(ValueError, match="itself"):
         MemoryNetwork().partition(SERVER, SERVER)
-
-
-async def test_memory_stream_refuses_a_max_bytes_below_one() -> None:
-    network = MemoryNetwork()
-    with anyio.fail_after(TIMEOUT):
-        async with connection(network) as pair:
-            with pytest.raises(ValueError, match="max_bytes"):
-                await pair.server.receive(0)
-
-
-async def test_memory_stream_allows_one_reader_and_one_writer_at_a_time() -> None:
-    network = MemoryNetwork()
-    with anyio.fail_after(TIMEOUT):
-        async with connection(network) as pair, anyio.create_task_group() as tg:
-            tg.start_soon(pair.server.receive)
-            await anyio.wait_all_tasks_blocked()
-            with pytest.raises(anyio.BusyResourceError):
-                await pair.server.receive()
-            await pair.client.send(b"x")
