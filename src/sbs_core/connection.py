@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
@@ -56,7 +57,7 @@ async def handshake(
     stream: ByteStream, channel: SecureChannel, hello: Callable[[], Hello], heard: Heard
 ) -> Hello:
     """Prove the secret both ways, then exchange Hellos; the peer's Hello."""
-    await stream.send(channel.data_to_send())
+    await _send(stream, channel.data_to_send())
     sent_hello = False
     while True:
         try:
@@ -76,7 +77,7 @@ async def handshake(
                         raise ProtocolError(f"expected hello, got {message.type}")
                     out = channel.data_to_send()
                     if out:
-                        await stream.send(out)
+                        await _send(stream, out)
                     return message
                 case Closed():
                     raise anyio.EndOfStream
@@ -84,7 +85,14 @@ async def handshake(
                     raise ProtocolError("unexpected frame during the handshake")
         out = channel.data_to_send()
         if out:
-            await stream.send(out)
+            await _send(stream, out)
+
+
+async def _send(stream: ByteStream, data: bytes | bytearray) -> None:
+    """Write what the channel gave: every transport's ``send`` takes a bytearray too."""
+    # anyio's signature says bytes; sbs's transports take any bytes-like object
+    # (transport.base), and a sealed frame is a bytearray: no copy into bytes.
+    await stream.send(cast(bytes, data))
 
 
 def remote_host(stream: ByteStream) -> str:
@@ -211,7 +219,7 @@ class PeerConnection:
                 except LocalProtocolError:
                     return  # the reading side failed the channel; it is closing
                 try:
-                    await self.stream.send(self.channel.data_to_send())
+                    await _send(self.stream, self.channel.data_to_send())
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     return
             with anyio.move_on_after(1, shield=True):

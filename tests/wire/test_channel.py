@@ -85,12 +85,12 @@ def make_pair(
 
 
 def deliver(src: SecureChannel, dst: SecureChannel, chunker: Chunker = whole) -> list[ChannelEvent]:
-    for chunk in chunker(src.data_to_send()):
+    for chunk in chunker(bytes(src.data_to_send())):
         dst.receive_data(chunk)
     return list(dst.events())
 
 
-def feed(channel: SecureChannel, *reads: bytes | None) -> None:
+def feed(channel: SecureChannel, *reads: bytes | bytearray | None) -> None:
     for data in reads:
         channel.receive_data(data)
 
@@ -704,7 +704,7 @@ def test_garbage_after_the_handshake_only_ever_raises_remote_protocol_error(
     initiator, responder = open_pair()
     initiator.send_control(b"{}")
     with pytest.raises(RemoteProtocolError):
-        feed(responder, *random_chunker(rnd, 20)(initiator.data_to_send() + garbage), None)
+        feed(responder, *random_chunker(rnd, 20)(bytes(initiator.data_to_send()) + garbage), None)
     assert list(responder.events()) == [ControlReceived(payload=b"{}")]
 
 

@@ -187,7 +187,8 @@ def test_empty_payload_is_sealed_as_a_lone_tag() -> None:
 def test_sealed_body_opens_with_an_independent_aesgcm_and_nonce() -> None:
     cipher = FrameCipher(KEY)
     for sequence in range(3):
-        header, body = cipher.seal(FrameKind.CONTROL, b"abc")
+        frame = cipher.seal(FrameKind.CONTROL, b"abc")
+        header, body = bytes(frame[:HEADER_SIZE]), bytes(frame[HEADER_SIZE:])
         # The length counts the ciphertext and its tag; the header is the associated data.
         assert header == encode_header(FrameKind.CONTROL, 3 + TAG_SIZE)
         assert len(body) == 3 + TAG_SIZE
@@ -268,7 +269,8 @@ def test_sequence_numbers_run_out_after_the_last_8_byte_value() -> None:
     sender, receiver = FrameCipher(KEY), FrameCipher(KEY)
     # Counting there takes 2**64 frames; start both sides at the last number instead.
     sender._sequence = receiver._sequence = 2**64 - 1
-    header, body = sender.seal(FrameKind.DATA, b"last")
+    frame = sender.seal(FrameKind.DATA, b"last")
+    header, body = bytes(frame[:HEADER_SIZE]), bytes(frame[HEADER_SIZE:])
     assert AESGCM(KEY).decrypt(b"\x00" * 4 + b"\xff" * 8, body, header) == b"last"
     with pytest.raises(LocalProtocolError, match="exhausted"):
         sender.seal(FrameKind.DATA, b"one too many")

@@ -17,7 +17,9 @@ The contract, identical for every implementation:
 - On a stream whose peer closed or vanished, ``receive()`` raises
   :exc:`anyio.EndOfStream` (orderly close) or :exc:`anyio.BrokenResourceError`
   (reset), and ``send()`` eventually raises :exc:`anyio.BrokenResourceError`.
-  Using a stream after closing it raises :exc:`anyio.ClosedResourceError`. Only
+  Using a stream after closing it raises :exc:`anyio.ClosedResourceError`.
+  ``send()`` takes any bytes-like object, not only ``bytes`` (anyio's
+  signature): the channel seals frames into fresh bytearrays. Only
   one task may send and one task may receive at a time
   (:exc:`anyio.BusyResourceError` otherwise).
 - Streams provide ``SocketAttribute.local_address`` and

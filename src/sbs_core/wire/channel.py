@@ -176,7 +176,7 @@ class SecureChannel:
         self._defer_data = defer_data
         self._state = _State.AWAIT_CHALLENGE
         self._reader = FrameReader()
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[bytes | bytearray] = []
         self._events: deque[ChannelEvent] = deque()
         self._send_cipher: FrameCipher | None = None
         self._receive_cipher: FrameCipher | None = None
@@ -204,14 +204,17 @@ class SecureChannel:
 
     # --- the verbs -----------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        """Take the bytes waiting to be written to the peer (possibly none)."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Take the bytes waiting to be written to the peer (possibly none).
+
+        A lone sealed frame comes as the fresh bytearray it was sealed into.
+        """
         # A lone part goes out as is: no copy of a large payload.
         out = self._outgoing[0] if len(self._outgoing) == 1 else b"".join(self._outgoing)
         self._outgoing.clear()
         return out
 
-    def receive_data(self, data: bytes | None) -> None:
+    def receive_data(self, data: bytes | bytearray | None) -> None:
         """Process bytes read from the peer; ``None`` means the peer closed the connection.
 
         An empty ``bytes`` is a no-op (not an end of stream). Raises
@@ -257,9 +260,9 @@ class SecureChannel:
             raise LocalProtocolError(
                 f"payload of {len(payload)} bytes exceeds max_frame={self._max_frame}"
             )
-        # The sealed body is a fresh object, so it doubles as the snapshot of a buffer
-        # the caller may change later. Parts are joined once, in data_to_send().
-        self._outgoing += self._send_cipher.seal(kind, payload)
+        # The sealed frame is a fresh object, so it doubles as the snapshot of a buffer
+        # the caller may change later. Frames are joined once, in data_to_send().
+        self._outgoing.append(self._send_cipher.seal(kind, payload))
 
     def _send_handshake(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":")).encode()
