@@ -249,6 +249,16 @@ async def test_close_ends_the_peers_receive_and_then_its_send(network: Network) 
                 await pair.client.send(b"too late")
 
 
+async def test_a_stream_closed_with_data_unread_reads_no_more(network: Network) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with connection(network) as pair:
+            await pair.client.send(b"never read")
+            assert await pair.server.receive(5) == b"never"
+            await pair.server.aclose()
+            with pytest.raises(anyio.ClosedResourceError):
+                await pair.server.receive()
+
+
 async def test_connect_where_nobody_listens_is_refused(network: Network) -> None:
     with anyio.fail_after(TIMEOUT):
         async with await listen(network) as listener:

@@ -226,6 +226,8 @@ class _TcpStream(SocketStream):
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if max_bytes < 1:
             raise ValueError("max_bytes must be a positive integer")
+        if self._closed:
+            raise anyio.ClosedResourceError
         if self._receiving:
             raise anyio.BusyResourceError("reading from")
         self._receiving = True
