@@ -121,8 +121,8 @@ class _StreamProtocol(asyncio.Protocol):
         self.at_eof = False
         self.lost = False
         self.error: Exception | None = None
-        self._readable: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
+        self._reader = _Wakeup()
+        self._writer = _Wakeup()
         self._writing_paused = False
 
     # -- asyncio's side
@@ -140,25 +140,25 @@ class _StreamProtocol(asyncio.Protocol):
         if self.buffered >= READ_AHEAD and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        self._wake_reader()
+        self._reader.wake()
 
     def eof_received(self) -> bool:
         self.at_eof = True
-        self._wake_reader()
+        self._reader.wake()
         return True  # keep the socket open for sending: the peer only half-closed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.error = exc
-        self._wake_reader()
-        self._wake_writer()
+        self._reader.wake()
+        self._writer.wake()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._wake_writer()
+        self._writer.wake()
 
     # -- the stream's side
 
@@ -179,31 +179,33 @@ class _StreamProtocol(asyncio.Protocol):
 
     async def readable(self) -> None:
         """Wait until data, the end of the stream or the loss of the connection."""
-        if self.chunks or self.at_eof or self.lost:
-            return
-        self._readable = asyncio.get_running_loop().create_future()
-        try:
-            await self._readable
-        finally:
-            self._readable = None
+        if not (self.chunks or self.at_eof or self.lost):
+            await self._reader.wait()
 
     async def writable(self) -> None:
         """Wait until the kernel took what was written, or the connection is lost."""
-        if not self._writing_paused or self.lost:
-            return
-        self._writable = asyncio.get_running_loop().create_future()
+        if self._writing_paused and not self.lost:
+            await self._writer.wait()
+
+
+class _Wakeup:
+    """Where the one task waiting on a stream's side waits for the protocol's callbacks."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        self._future = asyncio.get_running_loop().create_future()
         try:
-            await self._writable
+            await self._future
         finally:
-            self._writable = None
+            self._future = None
 
-    def _wake_reader(self) -> None:
-        if self._readable is not None and not self._readable.done():
-            self._readable.set_result(None)
-
-    def _wake_writer(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+    def wake(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
 
 
 class _TcpStream(SocketStream):
