@@ -310,7 +310,7 @@ class _SocketListener(SocketListener):
             try:
                 client, _ = await self._loop.sock_accept(self._sock)
             except asyncio.CancelledError:
-                # A cancelled sock_accept may leave its reader behind (CPython #85489).
+                # A cancelled sock_accept may leave its reader behind (CPython bpo-41317).
                 with suppress(ValueError, NotImplementedError):
                     self._loop.remove_reader(self._sock)
                 if self._closed:
