@@ -430,6 +430,17 @@ async def test_tcp_sockets_send_at_once_and_keep_alive() -> None:
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
 
 
+async def test_tcp_refusal_by_host_name_is_a_refusal() -> None:
+    # "localhost" may name ::1 as well; dialled from an IPv4 address, only its
+    # IPv4 address is tried, so nobody listening is a refusal, not a mix of errors.
+    with anyio.fail_after(TIMEOUT):
+        listener = await listen(TcpNetwork())
+        port = port_of(listener)
+        await listener.aclose()
+        with pytest.raises(ConnectionRefusedError):
+            await TcpTransport().connect("localhost", port, local_host=CLIENT)
+
+
 async def test_tcp_refuses_keepalive_timings_that_are_not_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         TcpTransport(keepalive_interval=0)

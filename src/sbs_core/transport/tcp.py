@@ -69,12 +69,20 @@ class TcpTransport:
 
     async def connect(self, host: str, port: int, *, local_host: str | None = None) -> ByteStream:
         loop = asyncio.get_running_loop()
+        family = 0
+        if local_host is not None:
+            # Only the peer's addresses of the local address's family, as anyio
+            # dials: the others cannot be reached from it and would only add
+            # their own failures to a refusal.
+            local = await loop.getaddrinfo(local_host, 0, type=socket.SOCK_STREAM)
+            family = local[0][0]
         # asyncio raises the one error every address gave (ConnectionRefusedError
         # when nobody listens), or a plain OSError when they differ.
         transport, protocol = await loop.create_connection(
             _StreamProtocol,
             host,
             port,
+            family=family,
             local_addr=None if local_host is None else (local_host, 0),
             happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
         )
