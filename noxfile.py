@@ -34,6 +34,9 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
     # The Windows shell as Windows sees it (pywin32's stubs, no POSIX-only calls).
     session.run("mypy", "--platform", "win32", "-p", "sbs_winsvc")
+    # The library as Windows and macOS see it: POSIX-only calls stay behind platform checks.
+    session.run("mypy", "--platform", "win32", "-p", "sbs_core")
+    session.run("mypy", "--platform", "darwin", "-p", "sbs_core")
 
 
 @nox.session(python=PYTHON)

@@ -53,7 +53,9 @@ def socket_path(state_dir: Path) -> Path:
     # A deep state directory cannot hold a socket: use a private folder in the
     # temp dir, named after the state directory so client and node agree.
     digest = hashlib.sha256(os.fsencode(state_dir.absolute())).hexdigest()[:20]
-    owner = os.getuid() if sys.platform != "win32" else 0  # no Unix sockets there
+    owner = 0
+    if sys.platform != "win32":  # no Unix sockets there
+        owner = os.getuid()
     return Path(tempfile.gettempdir()) / f"sbs-{owner}" / f"{digest}.sock"
 
 

@@ -233,9 +233,13 @@ class NodeProcess:
 
     def hang(self) -> None:
         """SIGSTOP: the node is frozen; its sockets stay open, its sentinels keep running."""
+        if sys.platform == "win32":
+            raise NotImplementedError("freezing a node needs SIGSTOP (POSIX)")
         os.kill(self.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        if sys.platform == "win32":
+            raise NotImplementedError("a node is frozen and resumed with signals (POSIX)")
         os.kill(self.pid, signal.SIGCONT)
 
     def stop(self, timeout: float = 20.0) -> int | None:
@@ -243,8 +247,9 @@ class NodeProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # a hung node cannot stop otherwise
+            if sys.platform != "win32":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGCONT)  # a hung node cannot stop otherwise
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)

@@ -1683,7 +1683,7 @@ def _copy_mode(fd: int, target: str | Path) -> os.stat_result | None:
     except OSError:
         return None
     # Windows has only a read-only flag, and it would block the rename.
-    if stat.S_ISREG(info.st_mode) and not _WINDOWS:
+    if sys.platform != "win32" and stat.S_ISREG(info.st_mode):
         os.fchmod(fd, stat.S_IMODE(info.st_mode))
     return info
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -239,8 +240,9 @@ class DirectWriter:
                 self._plain()  # a short write (a full disk?): the rest cannot be aligned
 
     def _plain(self) -> None:
-        import fcntl  # noqa: PLC0415 - POSIX only, and only reached where O_DIRECT exists
+        if sys.platform != "win32":  # only reached where O_DIRECT exists
+            import fcntl  # noqa: PLC0415 - POSIX only
 
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~O_DIRECT)
         self.direct = False
