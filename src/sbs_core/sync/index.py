@@ -61,9 +61,11 @@ _UPSERT = (
     f" ON CONFLICT (root_id, path) DO UPDATE SET {_FILE_COLUMNS}, digest = excluded.digest"
 )
 # The file's digest is its base as well: one row, one write (a received file).
+# Plain "?" placeholders, the digest given twice: Python 3.12.0-3.12.3 take
+# numbered ones ("?6") for named ones and warn that 3.14 will refuse them.
 _UPSERT_AGREED = (
     "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest, base)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT (root_id, path) DO UPDATE SET"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (root_id, path) DO UPDATE SET"
     f" {_FILE_COLUMNS}, digest = excluded.digest, base = excluded.base"
 )
 _SET_BASE = (
@@ -161,21 +163,21 @@ class HashIndex:
         file's base too (a file received and applied). If ``rows`` raises part
         way, nothing of it is stored.
         """
-        with self._transaction() as conn:
-            conn.executemany(
-                _UPSERT_AGREED if agreed else _UPSERT,
-                (
-                    (
-                        root_id,
-                        path,
-                        size,
-                        mtime_ns if _INT64_MIN <= mtime_ns <= _INT64_MAX else _int64(mtime_ns),
-                        ino if _INT64_MIN <= ino <= _INT64_MAX else _int64(ino),
-                        digest,
-                    )
-                    for root_id, path, size, mtime_ns, ino, digest in rows
-                ),
+        values: Iterable[tuple[str | int, ...]] = (
+            (
+                root_id,
+                path,
+                size,
+                mtime_ns if _INT64_MIN <= mtime_ns <= _INT64_MAX else _int64(mtime_ns),
+                ino if _INT64_MIN <= ino <= _INT64_MAX else _int64(ino),
+                digest,
             )
+            for root_id, path, size, mtime_ns, ino, digest in rows
+        )
+        if agreed:
+            values = ((*row, row[5]) for row in values)  # the digest again, as the base
+        with self._transaction() as conn:
+            conn.executemany(_UPSERT_AGREED if agreed else _UPSERT, values)
 
     def delete(self, root_id: str, path: str) -> None:
         """Forget one file; nothing happens if it is not stored."""
