@@ -61,8 +61,8 @@ _UPSERT = (
     f" ON CONFLICT (root_id, path) DO UPDATE SET {_FILE_COLUMNS}, digest = excluded.digest"
 )
 # The file's digest is its base as well: one row, one write (a received file).
-# Plain "?" placeholders, the digest given twice: Python 3.12.0-3.12.3 take
-# numbered ones ("?6") for named ones and warn that 3.14 will refuse them.
+# Plain "?" placeholders, the digest given twice: early 3.12 releases take
+# numbered ones ("?6") for named ones and warn (CPython issue 117995).
 _UPSERT_AGREED = (
     "INSERT INTO hashes (root_id, path, size, mtime_ns, ino, digest, base)"
     " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (root_id, path) DO UPDATE SET"
