@@ -138,7 +138,8 @@ SCAN_AHEAD = 2
 BULK_LOOKUP = 100
 LISTING_STEP = 256  # files of a kept listing looked at together, as a scan gives a folder's
 # A receiver commits (flushes, then renames into place) what it has applied
-# once it holds this many files or bytes, and at the end of each cycle. A flush
+# once a Put's Seal leaves it holding this many files or bytes (about 3,600
+# files of "small": two Puts), and at the end of each cycle. A flush
 # ends with a flush of the disk's own cache, and on the virtual disk measured
 # the pair stood idle while it ran: with a commit every 64 MiB, 0.3-0.55 s at
 # each file of durable "large" (docs/benchmarks.md). A crash before a flush
