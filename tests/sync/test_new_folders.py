@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,49 @@ def test_a_flush_failure_retries_that_file_and_moves_the_rest(
 
     assert [o.status for o in outcomes] == ["applied", "retry"]
     assert tree(root) == {"new/a.lab": b"a"}
+    assert hidden_folders(root) == []
+
+
+def test_a_batch_flushes_while_the_batch_before_it_in_the_same_new_folder_commits(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver flushes a batch while it renames the one before: the files of
+    # the second, in a new folder the first also writes to, must stay where the
+    # flush finds them while the first moves out of their hidden folder.
+    applier = make_applier(root, durable=True)
+    first = [write(applier, f"new/a{i}.lab", b"a%d" % i) for i in range(5)]
+    first_flushed = applier.flush(first)
+    second = [write(applier, f"new/b{i}.lab", b"b%d" % i) for i in range(5)]
+    second += [write(applier, f"other/c{i}.lab", b"c%d" % i) for i in range(3)]
+    real_flush = apply._flush_files
+    committing, committed = threading.Event(), threading.Event()
+
+    def flush_once_the_first_is_committed(paths: list[str]) -> list[str | None]:
+        committing.set()
+        assert committed.wait(10)
+        return real_flush(paths)
+
+    monkeypatch.setattr(apply, "_flush_files", flush_once_the_first_is_committed)
+    answer: list[list[str | None]] = []
+    worker = threading.Thread(target=lambda: answer.append(applier.flush(second)))
+    worker.start()
+    try:
+        assert committing.wait(10)  # the second batch's flush is under way
+        outcomes = applier.commit(first, flushed=first_flushed)
+    finally:
+        committed.set()
+        worker.join(10)
+
+    assert [o.status for o in outcomes] == ["applied"] * 5
+    visible = {k: v for k, v in tree(root).items() if not k.startswith(STAGING_PREFIX)}
+    assert visible == {f"new/a{i}.lab": b"a%d" % i for i in range(5)}  # not the second yet
+    assert answer == [[None] * 8]  # every file of the second was where it was written
+    assert [o.status for o in applier.commit(second, flushed=answer[0])] == ["applied"] * 8
+    assert tree(root) == (
+        {f"new/a{i}.lab": b"a%d" % i for i in range(5)}
+        | {f"new/b{i}.lab": b"b%d" % i for i in range(5)}
+        | {f"other/c{i}.lab": b"c%d" % i for i in range(3)}
+    )
     assert hidden_folders(root) == []
 
 
