@@ -2148,8 +2148,9 @@ class _Receiving:
         self.engine = engine
         self.session = session
         self.applier = applier
-        # Where a durable batch's flush runs while the next batch is written:
-        # the disk's time for one overlaps the interpreter's for the other.
+        # Where a durable batch's flush runs while the batch before it is
+        # renamed and the next is written: the disk's time overlaps the
+        # interpreter's. ``flushing``: that batch, until it is renamed.
         self.background = background
         self.flushing: _Flushing | None = None
         self.files: list[PutFile] = []
@@ -2197,8 +2198,9 @@ class _Receiving:
                 outcomes = await anyio.to_thread.run_sync(self._delete, root, paths)
                 self._count(outcomes)
             case CycleEnd(cycle=cycle):
-                await self._commit_flushed()
-                await anyio.to_thread.run_sync(self._commit)
+                await self._next_batch()
+                last, self.flushing = self.flushing, None
+                await self._commit_flushed(last)  # the cycle's last batch
                 await self._grant()
                 ack = CycleAck(
                     session=self.session.id,
@@ -2250,11 +2252,24 @@ class _Receiving:
             else:
                 await anyio.to_thread.run_sync(self._seal, digests)
         if len(self.ready) >= COMMIT_FILES or self.ready_bytes >= COMMIT_BYTES:
-            await self._commit_flushed()  # the batch before, flushed meanwhile
-            if self.applier.durable:
-                self._start_flush()
-            else:
-                await anyio.to_thread.run_sync(self._commit)
+            await self._next_batch()
+
+    async def _next_batch(self) -> None:
+        """Commit what is ready: durable, in two steps, the second at the next call.
+
+        Its flush starts in the background, and then the batch before it,
+        flushed meanwhile, is renamed into place: the disk's write-back runs
+        beside those renames rather than beside the writing of the next batch,
+        which it slowed (docs/benchmarks.md), and a cycle's last flush beside
+        the renames of the batch before it.
+        """
+        before, self.flushing = self.flushing, None
+        if not self.applier.durable:
+            await anyio.to_thread.run_sync(self._commit)
+            return
+        if self.ready:
+            self._start_flush()
+        await self._commit_flushed(before)
 
     def _start_flush(self) -> None:
         flushing = _Flushing(self.ready)
@@ -2269,9 +2284,8 @@ class _Receiving:
         finally:
             flushing.done.set()
 
-    async def _commit_flushed(self) -> None:
-        """Rename the batch flushed in the background (waiting for its flush), if any."""
-        flushing, self.flushing = self.flushing, None
+    async def _commit_flushed(self, flushing: _Flushing | None) -> None:
+        """Rename the batch of ``flushing`` once its flush is done, if there is one."""
         if flushing is None:
             return
         await flushing.done.wait()
